@@ -1,0 +1,44 @@
+"""Built-in model adapters, registered through tokcomp's plugin hooks like any third-party model."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+from tokcomp.hookspecs import hookimpl
+from tokcomp.models.base import ModelPreset
+
+_LLAVA_OV = "llava_onevision"
+
+
+def _build_llava_onevision(spec, preset: str):
+    from tokcomp.models import llava_onevision  # heavy import (transformers) only when building
+
+    return llava_onevision.build(spec, preset)
+
+
+def _bundled_dims(name: str) -> dict:
+    from importlib.resources import files
+
+    data = json.loads(files("tokcomp.models").joinpath("configs", f"{name}.json").read_text())
+    v, t = data["vision_config"], data["text_config"]
+    return {"vision": f"SigLIP {v['num_hidden_layers']}L/{v['hidden_size']}d @{v['image_size']}px",
+            "llm": f"Qwen2 {t['num_hidden_layers']}L/{t['hidden_size']}d GQA {t['num_attention_heads']}/{t['num_key_value_heads']}"}
+
+
+@hookimpl
+def tokcomp_register_models(register):
+    register(ModelPreset(
+        name="tiny", family=_LLAVA_OV,
+        summary="random-weight LLaVA-OneVision built in code (byte tokenizer), for tests and the demo",
+        build=partial(_build_llava_onevision, preset="tiny"),
+        dims={"vision": "SigLIP 4L/32d @112px", "llm": "Qwen2 4L/64d GQA 4/2"},
+    ))
+    for size in ("0.5b", "7b"):
+        name = f"llava-onevision-{size}"
+        register(ModelPreset(
+            name=name, family=_LLAVA_OV,
+            summary=f"LLaVA-OneVision {size.upper()}: weights: random (bundled config) or pretrained / hub id / path",
+            build=partial(_build_llava_onevision, preset=name),
+            hub_id=f"llava-hf/llava-onevision-qwen2-{size}-ov-hf", dims=_bundled_dims(name),
+        ))

@@ -1,0 +1,24 @@
+"""What a model family provides to tokcomp: presets that build adapters.
+
+An adapter owns every piece of model knowledge (module paths, token geometry, prompt format)
+and runs the forward pass with the three hook points; the core never imports transformers
+model classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named way to build a model adapter (``tiny``, ``llava-onevision-0.5b``, ...)."""
+
+    name: str
+    family: str
+    summary: str
+    build: Callable[..., Any]
+    hub_id: str | None = None
+    dims: dict[str, Any] = field(default_factory=dict)

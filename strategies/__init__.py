@@ -1,0 +1,17 @@
+"""Built-in strategies, registered through the same plugin hook as third-party ones."""
+
+from __future__ import annotations
+
+from tokcomp.hookspecs import hookimpl
+from tokcomp.strategies.fastv import FastV
+from tokcomp.strategies.frame_avg import FrameAvg
+from tokcomp.strategies.pooling import Pooling
+from tokcomp.strategies.subsample import Random, TopK, Uniform
+
+BUILTIN = (Pooling, Uniform, Random, TopK, FastV, FrameAvg)
+
+
+@hookimpl
+def tokcomp_register_strategies(register):
+    for cls in BUILTIN:
+        register(cls)

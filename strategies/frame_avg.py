@@ -1,0 +1,31 @@
+"""Average adjacent frame pairs after one vision layer: the simplest intra-encoder temporal merge.
+
+Later encoder layers run on half the frames, which is where early compression saves time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokcomp.hookspecs import hookimpl
+from tokcomp.ops.frames import average_adjacent_pairs
+from tokcomp.state import EncoderState
+from tokcomp.strategy import ModelInfo, Strategy, check_layer
+
+
+@dataclass
+class FrameAvg(Strategy):
+    name = "frame_avg"
+    summary = "average adjacent frame pairs after vision layer `layer`"
+    layer: int = 0
+
+    def check(self, info: ModelInfo) -> None:
+        check_layer(self.name, "layer", self.layer, info.vision_layers, "vision")
+
+    def encoder_layers(self, info: ModelInfo) -> set[int]:
+        return {self.layer}
+
+    @hookimpl
+    def tokcomp_intra_encoder(self, state: EncoderState) -> None:
+        hidden, sources = average_adjacent_pairs(state.hidden, state.frame_sources)
+        state.replace(hidden, frame_sources=sources)

@@ -1,0 +1,50 @@
+"""Spatial average pooling of each frame's token grid to a target ratio (the Table 7 baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokcomp.errors import ConfigError
+from tokcomp.hookspecs import hookimpl
+from tokcomp.ops.pooling import average_pool_grid, side_for_ratio
+from tokcomp.state import VisualTokens
+from tokcomp.strategy import Strategy, check_ratio
+
+
+@dataclass
+class Pooling(Strategy):
+    """Average-pool each frame's h x w grid to s x s with s = round(h * sqrt(ratio))."""
+
+    name = "pooling"
+    summary = "average-pool each frame's token grid to about `ratio` of its tokens"
+    ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_ratio(self.name, "ratio", self.ratio)
+
+    @hookimpl
+    def tokcomp_pre_llm(self, state: VisualTokens) -> None:
+        h, w = state.grid
+        frames = state.num_frames
+        grid_tokens = ~state.is_newline
+        if int(grid_tokens.sum()) != frames * h * w:
+            raise ConfigError("strategy 'pooling' needs every frame's full token grid (put it first at pre_llm)")
+        out_h, out_w = side_for_ratio(h, self.ratio), side_for_ratio(w, self.ratio)
+        grid = state.features[grid_tokens].view(frames, h, w, -1)
+        pooled = average_pool_grid(grid, out_h, out_w).reshape(frames * out_h * out_w, -1)
+        dev = pooled.device
+        cells = torch.arange(out_h * out_w, device=dev).repeat(frames)
+        row, col = (cells // out_w) * h // out_h, (cells % out_w) * w // out_w
+        frame = torch.arange(frames, device=dev).repeat_interleave(out_h * out_w)
+        nl = state.is_newline
+        state.replace(
+            features=torch.cat([pooled, state.features[nl]]),
+            frame=torch.cat([frame, state.frame[nl]]),
+            row=torch.cat([row, state.row[nl]]),
+            col=torch.cat([col, state.col[nl]]),
+            is_newline=torch.cat([torch.zeros(pooled.shape[0], dtype=torch.bool, device=dev), state.is_newline[nl]]),
+            source=torch.cat([frame * h * w + row * w + col, state.source[nl]]),
+        )
+        state.grid = (out_h, out_w)

@@ -1,0 +1,95 @@
+"""The ``tokcomp`` command: list what is registered, run experiments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tokcomp.errors import TokcompError
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tokcomp.plugins import Plugins
+
+    plugins = Plugins(args.plugin, trace=args.trace_hooks)
+    if args.what == "strategies":
+        rows = []
+        for name in Plugins.matching(plugins.strategies, args.pattern):
+            reg = plugins.strategies[name]
+            params = ", ".join(f"{k}={f.default!r}" for k, f in reg.obj.parameters().items())
+            rows.append([name, ",".join(reg.obj.hook_points()), reg.plugin, reg.distribution, params, reg.obj.summary])
+        print(_table(["strategy", "hook points", "plugin", "from", "parameters (defaults)", "summary"], rows))
+    else:
+        rows = []
+        for name in Plugins.matching(plugins.models, args.pattern):
+            reg = plugins.models[name]
+            preset = reg.obj
+            rows.append([name, preset.family, preset.dims.get("vision", ""), preset.dims.get("llm", ""),
+                         preset.hub_id or "-", reg.plugin, preset.summary])
+        print(_table(["model", "family", "vision", "llm", "checkpoint", "plugin", "summary"], rows))
+    if not rows:
+        print(f"(nothing matches {args.pattern!r})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tokcomp.config import load_experiment, to_yaml
+    from tokcomp.runner import ExperimentRunner, format_table
+
+    cfg = load_experiment(args.experiment, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    runner = ExperimentRunner(cfg, trace=args.trace_hooks, experiment_file=args.experiment)
+    result = runner.run(log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(result.configurations))
+    if result.tracking_uri:
+        print(f"\nMLflow: parent run {result.parent_run_id} in experiment {cfg.tracking.experiment or cfg.name!r} "
+              f"at {result.tracking_uri}  (browse: mlflow ui --backend-store-uri {result.tracking_uri})")
+    if result.failed:
+        print(f"failed configurations: {', '.join(result.failed)} (errors logged to their MLflow runs)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokcomp", description=__doc__)
+    parser.add_argument("--trace-hooks", action="store_true", default=None,
+                        help="print every plugin hook call (also: TOKCOMP_TRACE_HOOKS=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_list = sub.add_parser("list", help="list registered strategies or model presets")
+    p_list.add_argument("what", choices=["strategies", "models"])
+    p_list.add_argument("pattern", nargs="?", default=None, help="wildcard pattern, e.g. 'fast*'")
+    p_list.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load a local plugin file")
+    p_list.set_defaults(func=cmd_list)
+
+    p_run = sub.add_parser("run", help="run an experiment YAML, with key=value overrides")
+    p_run.add_argument("experiment", help="experiment YAML file")
+    p_run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. input.frames=8 model.dtype=bfloat16")
+    p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p_run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TokcompError as exc:
+        print(f"tokcomp: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The hook specifications of tokcomp (pluggy project name ``tokcomp``).
+
+Two kinds of hooks live here.
+
+*Registration hooks* are called once, when the plugin manager is built, on every loaded plugin
+(built-in modules, entry points of group ``tokcomp``, local plugin files). They receive a
+``register`` callable and add strategy classes or model presets to the registries.
+
+*Hook points* are called by the pipeline while a model runs. Each active strategy instance of a
+configuration is registered as a plugin of that configuration's own plugin manager, in the order
+the YAML lists them, so hook implementations run in that order. A hook point receives a mutable
+*state* object: implementations act through the state's methods (``keep``, ``replace``, ...),
+which enforce the invariants (text tokens are never dropped; positions, masks and RoPE tensors are
+compacted together; the token ledger is updated). Their return value is ignored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tokcomp.state import EncoderState, LLMState, VisualTokens
+
+PROJECT = "tokcomp"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def tokcomp_register_strategies(register: Any) -> None:
+    """Register strategy classes.
+
+    Called once per plugin manager. ``register(cls)`` takes a :class:`tokcomp.strategy.Strategy`
+    subclass with a unique ``name``; registering a name twice raises ``PluginError``.
+    """
+
+
+@hookspec
+def tokcomp_register_models(register: Any) -> None:
+    """Register model presets.
+
+    Called once per plugin manager. ``register(preset)`` takes a :class:`tokcomp.models.base.ModelPreset`
+    whose ``build(spec)`` returns a model adapter.
+    """
+
+
+@hookspec
+def tokcomp_intra_encoder(state: EncoderState) -> None:
+    """Intra-encoder hook point: called after vision-encoder layer ``state.layer`` (0-based).
+
+    Receives the hidden states of all frames, ``state.hidden`` of shape (frames, tokens, dim), the
+    layer index, the token grid, and ``state.attention`` (mean attention each token receives in
+    this layer, shape (frames, tokens)) when a strategy requested it for this layer. It is called
+    only for layers some active strategy asked for (``Strategy.encoder_layers``).
+
+    May merge or drop frames (``state.replace(hidden, frame_sources=...)``) or tokens; later
+    layers then run on fewer rows and the ledger records it. Return value ignored.
+    """
+
+
+@hookspec
+def tokcomp_pre_llm(state: VisualTokens) -> None:
+    """Pre-LLM hook point: called once, after projector, pooling and the newline token.
+
+    Receives ``state.features`` (N, D) in temporal order with their geometry: ``state.frame``
+    (source frame index, -1 for the newline token), ``state.row``/``state.col`` (pooled grid
+    position), ``state.is_newline``, and ``state.scores`` (importance per token, when a strategy
+    requested encoder attention). Selection goes through ``state.keep(indices)``; merging through
+    ``state.replace(features, ...)``. The spliced tokens get contiguous positions, as LLaVA does.
+    Return value ignored.
+    """
+
+
+@hookspec
+def tokcomp_inner_llm(state: LLMState) -> None:
+    """Inner-LLM hook point: called during prefill, just before decoder layer ``state.layer`` runs.
+
+    Receives the hidden states (1, L, D) entering that layer with ``state.position_ids``,
+    ``state.visual_mask`` (which sequence entries are visual tokens) and
+    ``state.last_token_attention`` (layer -> head-averaged attention row of the last query,
+    for the layers requested through ``Strategy.attention_layers``). ``state.keep(indices)``
+    drops visual tokens from this layer on: hidden states, position ids, RoPE tensors and masks
+    are sliced together, kept tokens keep their original positions, and later layers keep a
+    shorter KV cache so decoding continues. Never called on decode steps. Return value ignored.
+    """

@@ -1,0 +1,60 @@
+"""The token ledger: how many tokens are alive at every layer of one run.
+
+It is the single source the FLOPs counter reads, so it records what actually ran (frames and
+tokens per frame entering each vision layer, the sequence length entering each decoder layer),
+not what a strategy's parameters promise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class VisionLayerEntry:
+    frames: int
+    tokens_per_frame: int
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+@dataclass
+class TokenLedger:
+    input_frames: int = 0
+    vision_layers: list[VisionLayerEntry] = field(default_factory=list)
+    vision_out_frames: int = 0
+    vision_out_tokens_per_frame: int = 0
+    pooled_tokens_per_frame: int = 0
+    visual_tokens_before_pre_llm: int = 0
+    visual_tokens_after_pre_llm: int = 0
+    text_tokens: int = 0
+    llm_layers: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+
+    @property
+    def vision_tokens_in(self) -> int:
+        """Tokens entering the first vision layer (all frames)."""
+        return self.vision_layers[0].tokens if self.vision_layers else 0
+
+    @property
+    def retained_ratio(self) -> float:
+        """Visual tokens reaching the LLM over those the uncompressed model would give it."""
+        if self.visual_tokens_before_pre_llm == 0:
+            return 0.0
+        full = self.input_frames * self.pooled_tokens_per_frame + 1
+        return self.visual_tokens_after_pre_llm / full
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["vision_tokens_in"] = self.vision_tokens_in
+        data["retained_ratio"] = self.retained_ratio
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenLedger:
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        data["vision_layers"] = [VisionLayerEntry(**e) for e in data.get("vision_layers", [])]
+        return cls(**data)

@@ -1,0 +1,1 @@
+"""Pure tensor algorithms used by strategies and adapters; no model knowledge here."""

@@ -1,0 +1,76 @@
+"""One configuration's strategies, wired to the hook points through their own plugin manager.
+
+Each strategy instance is registered as a pluggy plugin. pluggy calls implementations in LIFO
+order of registration, so they are registered in reverse: the hook point then runs them in the
+order the YAML lists them. A strategy is called only at the layers it asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tokcomp.plugins import new_plugin_manager
+from tokcomp.state import EncoderState, LLMState, VisualTokens
+from tokcomp.strategy import ModelInfo, Strategy
+
+
+class CompressionStack:
+    def __init__(self, strategies: Sequence[Strategy], info: ModelInfo, trace: bool | None = None):
+        self.strategies = list(strategies)
+        self.info = info
+        self.pm = new_plugin_manager(trace)
+        for strategy in reversed(self.strategies):
+            self.pm.register(strategy)
+        self.encoder_layers: set[int] = set()
+        self.encoder_attention_layers: set[int] = set()
+        self.llm_layers: set[int] = set()
+        self.attention_layers: set[int] = set()
+        for s in self.strategies:
+            hooks = s.active_hooks()
+            if "intra_encoder" in hooks:
+                self.encoder_layers |= s.encoder_layers(info)
+            if "inner_llm" in hooks:
+                self.llm_layers |= s.llm_layers(info)
+            self.encoder_attention_layers |= s.encoder_attention_layers(info)
+            self.attention_layers |= s.attention_layers(info)
+        self.has_pre_llm = any("pre_llm" in s.active_hooks() for s in self.strategies)
+        self.strategy_seconds = 0.0  # time spent inside strategy hooks (visual token processing)
+
+    @property
+    def empty(self) -> bool:
+        return not self.strategies
+
+    def _caller(self, hook: str, wanted: str | None = None, layer: int | None = None):
+        """The hook restricted to strategies that enabled it (and asked for this layer)."""
+        point = hook.removeprefix("tokcomp_")
+        others = [
+            s for s in self.strategies
+            if point not in s.active_hooks() or (wanted is not None and layer not in getattr(s, wanted)(self.info))
+        ]
+        return self.pm.subset_hook_caller(hook, others)
+
+    def start(self, seed: int) -> None:
+        self.strategy_seconds = 0.0
+        for s in self.strategies:
+            s.start(seed)
+
+    def intra_encoder(self, state: EncoderState) -> None:
+        t0 = time.perf_counter()
+        self._caller("tokcomp_intra_encoder", "encoder_layers", state.layer)(state=state)
+        self.strategy_seconds += time.perf_counter() - t0
+
+    def pre_llm(self, state: VisualTokens) -> None:
+        t0 = time.perf_counter()
+        self._caller("tokcomp_pre_llm")(state=state)
+        self.strategy_seconds += time.perf_counter() - t0
+
+    def inner_llm(self, state: LLMState) -> None:
+        t0 = time.perf_counter()
+        self._caller("tokcomp_inner_llm", "llm_layers", state.layer)(state=state)
+        self.strategy_seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        for s in self.strategies:
+            if self.pm.is_registered(s):
+                self.pm.unregister(s)

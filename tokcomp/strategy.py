@@ -1,0 +1,161 @@
+"""The strategy base class: a typed, declarative parameter set plus one method per hook point.
+
+A strategy is a dataclass. Its fields are its parameters (validated from YAML by their type
+hints); its ``tokcomp_*`` methods, marked with ``hookimpl``, are the hook points it implements;
+its ``encoder_layers``/``llm_layers`` say where it wants to be called, so the pipeline calls it
+only there; ``check`` validates parameters against the model (layer indices, sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, ClassVar
+
+from tokcomp.errors import ConfigError, UnknownNameError
+
+HOOK_POINTS: tuple[str, ...] = ("intra_encoder", "pre_llm", "inner_llm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a strategy may know about the model it runs on (no module paths)."""
+
+    name: str
+    vision_layers: int
+    vision_grid: tuple[int, int]
+    pooled_grid: tuple[int, int]
+    llm_layers: int
+    llm_hidden: int
+
+
+@dataclasses.dataclass
+class Strategy:
+    """Base class. Subclasses are ``@dataclass`` with a unique ``name``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Instances are pluggy plugins, which must be hashable; identity is the right equality
+        # for objects that carry per-run state. Set before @dataclass runs so it keeps them.
+        super().__init_subclass__(**kwargs)
+        cls.__hash__ = object.__hash__  # type: ignore[method-assign]
+        cls.__eq__ = object.__eq__  # type: ignore[method-assign]
+
+    # --- where the strategy acts (override as needed) ---------------------------------------
+    def encoder_layers(self, info: ModelInfo) -> set[int]:
+        """Vision layers after which ``tokcomp_intra_encoder`` must be called."""
+        return set()
+
+    def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
+        """Vision layers whose received-attention statistic this strategy needs."""
+        return set()
+
+    def llm_layers(self, info: ModelInfo) -> set[int]:
+        """Decoder layers before which ``tokcomp_inner_llm`` must be called (prefill only)."""
+        return set()
+
+    def attention_layers(self, info: ModelInfo) -> set[int]:
+        """Decoder layers whose last-token attention row this strategy needs."""
+        return set()
+
+    def check(self, info: ModelInfo) -> None:
+        """Raise ConfigError if the parameters do not fit this model."""
+
+    def start(self, seed: int) -> None:
+        """Called before each forward pass: reset per-run state, seed randomness."""
+
+    def restrict_hooks(self, hooks: list[str] | None) -> None:
+        """Enable only these hook points (from YAML ``hooks:``); each must be one it implements."""
+        if hooks is None:
+            return
+        for hook in hooks:
+            if hook not in HOOK_POINTS:
+                raise UnknownNameError(f"hook point for strategy {self.name!r}", hook, HOOK_POINTS)
+            if hook not in self.hook_points():
+                raise ConfigError(
+                    f"strategy {self.name!r} does not implement hook point {hook!r} "
+                    f"(it implements: {', '.join(self.hook_points())})"
+                )
+        self._active_hooks = list(hooks)
+
+    def active_hooks(self) -> list[str]:
+        return getattr(self, "_active_hooks", None) or self.hook_points()
+
+    # --- introspection --------------------------------------------------------------------
+    @classmethod
+    def hook_points(cls) -> list[str]:
+        return [hp for hp in HOOK_POINTS if callable(getattr(cls, f"tokcomp_{hp}", None))]
+
+    @classmethod
+    def parameters(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Strategy:
+        """Build from YAML parameters, rejecting unknown names and wrong types with the valid ones."""
+        fields = cls.parameters()
+        for key in params:
+            if key not in fields:
+                raise UnknownNameError(f"parameter of strategy {cls.name!r}", key, fields)
+        hints = typing.get_type_hints(cls)
+        values = {key: _coerce(cls.name, key, value, hints[key]) for key, value in params.items()}
+        try:
+            return cls(**values)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"strategy {cls.name!r}: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def _coerce(strategy: str, key: str, value: Any, hint: Any) -> Any:
+    """Check a YAML value against a field's type hint; ints are accepted where floats are."""
+    where = f"strategy {strategy!r} parameter {key!r}"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(strategy, key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_coerce(strategy, key, v, item) for v in value]
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_ratio(strategy: str, name: str, value: float) -> None:
+    """Ratios are fractions of tokens kept: 0 < r <= 1."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name}={value!r} is outside (0, 1]")
+
+
+def check_layer(strategy: str, name: str, layer: int, count: int, where: str, minimum: int = 0) -> None:
+    if not minimum <= layer < count:
+        raise ConfigError(
+            f"strategy {strategy!r}: {name}={layer} is outside the {where} layers {minimum}..{count - 1}"
+        )
