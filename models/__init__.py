@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from functools import partial
 
-from tokcomp.hookspecs import hookimpl
 from tokcomp.models.base import ModelPreset
+
+from tokcomp.hookspecs import hookimpl
 
 _LLAVA_OV = "llava_onevision"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
 from transformers import (
     AutoTokenizer,
@@ -34,7 +35,6 @@ from tokcomp.ops.pooling import bilinear_halve
 from tokcomp.stack import CompressionStack
 from tokcomp.state import EncoderState, LLMState, StrategyContractError, VisualTokens
 from tokcomp.strategy import ModelInfo
-from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SYSTEM_PROMPT = "You are a helpful assistant."

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from tokcomp.hookspecs import hookimpl
 from tokcomp.strategies.fastv import FastV
 from tokcomp.strategies.frame_avg import FrameAvg
 from tokcomp.strategies.pooling import Pooling
 from tokcomp.strategies.subsample import Random, TopK, Uniform
+
+from tokcomp.hookspecs import hookimpl
 
 BUILTIN = (Pooling, Uniform, Random, TopK, FastV, FrameAvg)
 

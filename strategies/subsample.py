@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tokcomp.strategies._select import PerFrameSelection
 from torch import Tensor
 
 from tokcomp.errors import ConfigError
 from tokcomp.ops.selection import random_indices, topk_indices, uniform_indices
 from tokcomp.state import VisualTokens
 from tokcomp.strategy import ModelInfo
-from tokcomp.strategies._select import PerFrameSelection
 
 
 @dataclass

@@ -93,9 +93,8 @@ class ExperimentConfig:
     input: InputConfig = field(default_factory=InputConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
-    configurations: dict[str, ConfigurationSpec] = field(
-        default_factory=lambda: {"uncompressed": ConfigurationSpec(description="no compression")}
-    )
+    baseline: bool = True  # run the uncompressed model first as configuration "uncompressed"
+    configurations: dict[str, ConfigurationSpec] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -52,6 +52,8 @@ class ExperimentResult:
 def build_strategies(plugins: Plugins, cfg: DictConfig) -> dict[str, list[Strategy]]:
     """Instantiate every configuration's strategies, rejecting unknown names, parameters and hooks."""
     built: dict[str, list[Strategy]] = {}
+    if cfg.baseline and "uncompressed" not in cfg.configurations:
+        built["uncompressed"] = []
     for conf_name, conf in cfg.configurations.items():
         strategies = []
         for i, spec in enumerate(conf.strategies):
@@ -148,7 +150,7 @@ class ExperimentRunner:
 
     def _run_one(self, tracker, parent, tags, adapter, pixels, conf_name, strategies, gen) -> ConfigurationResult:
         cfg = self.cfg
-        conf = cfg.configurations[conf_name]
+        conf = cfg.configurations.get(conf_name) or OmegaConf.create({"description": "no compression", "strategies": []})
         run_id = tracker.start(conf_name, {**tags, "tokcomp.kind": "configuration",
                                            "tokcomp.configuration": conf_name,
                                            "tokcomp.strategies": ",".join(s.name for s in strategies) or "none"},

@@ -1,0 +1,63 @@
+"""Pure tensor algorithms on random tensors, checked against straightforward references."""
+
+from __future__ import annotations
+
+import torch
+
+from tokcomp.ops.attention import last_query_attention, received_attention
+from tokcomp.ops.frames import average_adjacent_pairs
+from tokcomp.ops.pooling import average_pool_grid, bilinear_halve, side_for_ratio
+from tokcomp.ops.selection import groups, keep_count, topk_indices, uniform_indices
+
+
+def test_received_attention_is_the_column_mean_of_softmax_probabilities():
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 3, 7, 4), torch.randn(5, 3, 7, 4)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)
+    torch.testing.assert_close(received_attention(q, k, 0.5, chunk=2), probs.mean(dim=(1, 2)))
+    assert torch.allclose(received_attention(q, k, 0.5).sum(-1), torch.ones(5))
+
+
+def test_last_query_attention_is_the_head_mean_of_the_last_row():
+    torch.manual_seed(0)
+    q, k = torch.randn(4, 8), torch.randn(4, 6, 8)
+    expected = torch.softmax(torch.einsum("hd,htd->ht", q, k) * 0.3, dim=-1).mean(0)
+    torch.testing.assert_close(last_query_attention(q, k, 0.3), expected)
+
+
+def test_uniform_indices_are_evenly_spread_and_unique():
+    assert uniform_indices(16, 4).tolist() == [2, 6, 10, 14]
+    for n in range(1, 30):
+        for k in range(1, n + 1):
+            idx = uniform_indices(n, k)
+            assert idx.numel() == k and torch.unique(idx).numel() == k and int(idx.max()) < n
+
+
+def test_topk_indices_are_ascending_and_break_ties_by_position():
+    assert topk_indices(torch.tensor([0.5, 0.9, 0.5, 0.1]), 2).tolist() == [0, 1]
+
+
+def test_keep_count_rounds_and_keeps_at_least_one():
+    assert keep_count(196, 0.25) == 49 and keep_count(3, 0.01) == 1 and keep_count(10, 1.0) == 10
+
+
+def test_groups_follow_label_order():
+    assert [g.tolist() for g in groups(torch.tensor([0, 0, 1, 1, 1, -1]))] == [[0, 1], [2, 3, 4]]
+
+
+def test_bilinear_halve_matches_llava_onevision_sizes():
+    x = torch.randn(2, 27, 27, 5)
+    assert bilinear_halve(x).shape == (2, 14, 14, 5)
+
+
+def test_average_pool_grid_and_side_for_ratio():
+    x = torch.randn(3, 14, 14, 2)
+    assert side_for_ratio(14, 0.25) == 7
+    torch.testing.assert_close(average_pool_grid(x, 7, 7)[0, 0, 0], x[0, :2, :2].mean(dim=(0, 1)))
+
+
+def test_average_adjacent_pairs_weights_by_source_count():
+    hidden = torch.tensor([[[0.0]], [[3.0]], [[6.0]]])
+    merged, sources = average_adjacent_pairs(hidden, [[0, 1], [2], [3]])
+    assert merged.flatten().tolist() == [1.0, 6.0]  # (0*2 + 3*1) / 3
+    assert sources == [[0, 1, 2], [3]]
