@@ -101,6 +101,8 @@ def _random_model(config: LlavaOnevisionConfig, dtype: torch.dtype, attn: str, s
 def build(spec: Any, preset: str) -> LlavaOnevisionAdapter:
     """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
     dtype = torch_dtype(spec.dtype)
+    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={spec.device!r} but no CUDA device is available here")
     weights = spec.weights
     if weights == "random":
         if preset == "tiny":
@@ -200,8 +202,19 @@ class LlavaOnevisionAdapter:
         return torch.tensor([ids], device=self.device), len(pre)
 
     def decode_text(self, ids: list[int]) -> str:
-        known = [i for i in ids if i < len(self.tokenizer)]
-        return self.tokenizer.decode(known, skip_special_tokens=True)
+        """Decoded text; ids the tokenizer lacks (random-weight presets use a byte tokenizer) show as <id>."""
+        parts, run = [], []
+        for i in ids:
+            if i < len(self.tokenizer):
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
+                run = []
+            parts.append(f"<{i}>")
+        if run:
+            parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(parts)
 
     # ---- the forward pass --------------------------------------------------------------------
     def _sync(self) -> None:

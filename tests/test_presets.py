@@ -46,3 +46,16 @@ def test_unknown_dtype_is_named(plugins):
 def test_tiny_model_geometry(tiny):
     assert tiny.info.vision_grid == (8, 8) and tiny.info.pooled_grid == (4, 4)
     assert tiny.info.vision_layers == 4 and tiny.info.llm_layers == 4
+
+
+def test_cuda_device_without_a_gpu_is_named(plugins, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.device='cuda'"):
+        plugins.model("tiny").build(model_spec(device="cuda"))
+
+
+def test_ids_outside_the_tokenizer_are_shown_not_dropped(tiny):
+    byte_h = tiny.tokenizer("h", add_special_tokens=False).input_ids
+    assert tiny.decode_text([*byte_h, 151000, *byte_h]) == "h<151000>h"

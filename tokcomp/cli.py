@@ -7,13 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from tokcomp.errors import TokcompError
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+from tokcomp.tables import render_table
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -26,7 +20,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             reg = plugins.strategies[name]
             params = ", ".join(f"{k}={f.default!r}" for k, f in reg.obj.parameters().items())
             rows.append([name, ",".join(reg.obj.hook_points()), reg.plugin, reg.distribution, params, reg.obj.summary])
-        print(_table(["strategy", "hook points", "plugin", "from", "parameters (defaults)", "summary"], rows))
+        print(render_table(["strategy", "hook points", "plugin", "from", "parameters (defaults)", "summary"], rows))
     else:
         rows = []
         for name in Plugins.matching(plugins.models, args.pattern):
@@ -34,7 +28,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             preset = reg.obj
             rows.append([name, preset.family, preset.dims.get("vision", ""), preset.dims.get("llm", ""),
                          preset.hub_id or "-", reg.plugin, preset.summary])
-        print(_table(["model", "family", "vision", "llm", "checkpoint", "plugin", "summary"], rows))
+        print(render_table(["model", "family", "vision", "llm", "checkpoint", "plugin", "summary"], rows))
     if not rows:
         print(f"(nothing matches {args.pattern!r})", file=sys.stderr)
         return 1

@@ -105,21 +105,19 @@ class Plugins:
 
     def _load_entry_points(self) -> None:
         allowed = _allowed_entry_points()
-        for dist in importlib.metadata.distributions():
-            for ep in dist.entry_points:
-                if ep.group != ENTRY_POINT_GROUP:
-                    continue
-                dist_name = dist.metadata["Name"] or "?"
-                if allowed is not None and ep.name not in allowed and dist_name not in allowed:
-                    continue
-                if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
-                    continue
-                try:
-                    plugin = ep.load()
-                except Exception as exc:
-                    raise PluginError(f"entry point {ep.name!r} of {dist_name!r} failed to load: {exc!r}") from exc
-                self.pm.register(plugin, name=ep.name)
-                self._dist[ep.name] = f"{dist_name} {dist.version}"
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist_name = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else ""
+            if allowed is not None and ep.name not in allowed and dist_name not in allowed:
+                continue
+            if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(f"entry point {ep.name!r} of {dist_name!r} failed to load: {exc!r}") from exc
+            self.pm.register(plugin, name=ep.name)
+            self._dist[ep.name] = f"{dist_name} {version}".strip()
 
     def _collect(self) -> None:
         for plugin_name, plugin in self.pm.list_name_plugin():

@@ -21,6 +21,7 @@ from tokcomp.errors import ConfigError, TokcompError
 from tokcomp.plugins import Plugins
 from tokcomp.stack import CompressionStack
 from tokcomp.strategy import Strategy
+from tokcomp.tables import render_table
 from tokcomp.tracking import NullTracker, Tracker, machine_tags, resolve_tracking_uri
 from tokcomp.video import load_frames
 
@@ -201,7 +202,4 @@ def format_table(results: list[ConfigurationResult]) -> str:
             f"{m['time.total_ms']:.1f}", f"{m['time.vision_ms']:.1f}", f"{m['time.prefill_ms']:.1f}",
             repr(r.text[:24]),
         ])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render_table(header, rows)
