@@ -234,7 +234,11 @@ class LlavaOnevisionAdapter:
         scores = None
         for i, layer in enumerate(layers):
             ledger.vision_layers.append(VisionLayerEntry(state.hidden.shape[0], state.hidden.shape[1]))
-            attention = self._received_attention(layer, state.hidden) if i in stack.encoder_attention_layers else None
+            attention = None
+            if i in stack.encoder_attention_layers:
+                attention = self._received_attention(layer, state.hidden)
+                ledger.attention_stats.append({"where": "vision", "layer": i, "frames": state.hidden.shape[0],
+                                               "tokens": state.hidden.shape[1]})
             state.hidden = layer(state.hidden, None)
             state.layer, state.attention = i, attention
             if i in stack.encoder_layers:
@@ -423,6 +427,7 @@ class _InnerLLMHooks:
                 kwargs = self._slice_kwargs(full_kwargs, self.alive)
         if index in self.stack.attention_layers:
             self.attention[index] = self.adapter._last_token_attention(module, hidden, kwargs["position_embeddings"])
+            self.ledger.attention_stats.append({"where": "llm", "layer": index, "seq": hidden.shape[1]})
         if self.alive is not None:
             self.alive_at[index] = self.alive
         self.ledger.llm_layers.append(hidden.shape[1])

@@ -33,6 +33,10 @@ class TokenLedger:
     text_tokens: int = 0
     llm_layers: list[int] = field(default_factory=list)
     new_tokens: int = 0
+    # Attention statistics computed for strategies (extra work outside the model's own forward):
+    # {"where": "vision", "layer": i, "frames": F, "tokens": T} (mean received attention, all queries)
+    # {"where": "llm", "layer": j, "seq": L} (one query row: the last token's)
+    attention_stats: list[dict] = field(default_factory=list)
 
     @property
     def vision_tokens_in(self) -> int:
