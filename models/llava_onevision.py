@@ -10,7 +10,6 @@ the decoder layers, removed afterwards) and greedy decoding with the KV cache.
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tokcomp.ops.pooling import bilinear_halve
 from tokcomp.stack import CompressionStack
 from tokcomp.state import EncoderState, LLMState, StrategyContractError, VisualTokens
 from tokcomp.strategy import ModelInfo
+from tokcomp.timing import StageClock
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -236,7 +236,8 @@ class LlavaOnevisionAdapter:
             ledger.vision_layers.append(VisionLayerEntry(state.hidden.shape[0], state.hidden.shape[1]))
             attention = None
             if i in stack.encoder_attention_layers:
-                attention = self._received_attention(layer, state.hidden)
+                with stack.clock.stage("token_processing"):
+                    attention = self._received_attention(layer, state.hidden)
                 ledger.attention_stats.append({"where": "vision", "layer": i, "frames": state.hidden.shape[0],
                                                "tokens": state.hidden.shape[1]})
             state.hidden = layer(state.hidden, None)
@@ -301,72 +302,82 @@ class LlavaOnevisionAdapter:
 
     @torch.no_grad()
     def run(self, pixels: Tensor, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
-            min_new_tokens: int = 0, seed: int = 0) -> RunOutput:
+            min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None) -> RunOutput:
+        """Encode, prefill and greedily decode; with ``forced_ids``, decode teacher-forced on those ids
+        and return the model's own argmax at each step as ``new_ids`` (for fidelity)."""
         ledger = TokenLedger()
-        timings: dict[str, float] = {}
-        stack.start(seed)
-        self._sync()
-        t0 = time.perf_counter()
-        tokens = self.encode(pixels, stack, ledger)
-        ids, start = self.prompt_ids(prompt, tokens.num_tokens)
-        embeds = self.language_model.embed_tokens(ids)
-        embeds[0, start : start + tokens.num_tokens] = tokens.features.to(embeds.dtype)
-        ledger.text_tokens = ids.shape[1] - tokens.num_tokens
-        self._sync()
-        t1 = time.perf_counter()
-        timings["vision_ms"] = (t1 - t0 - stack.strategy_seconds) * 1e3
-        pre_llm_seconds = stack.strategy_seconds
-        visual_mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=self.device)
-        visual_mask[start : start + tokens.num_tokens] = True
-        with self._inner_llm_hooks(stack, visual_mask, ledger) as hooks:
-            new_ids, prefill_logits, prefill_s, decode_s = self._generate(
-                embeds, hooks, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens
-            )
+        clock = StageClock(self.device)
+        stack.start(seed, clock)
+        with clock.stage("ttft"):
+            with clock.stage("vision"):
+                tokens = self.encode(pixels, stack, ledger)
+            ids, start = self.prompt_ids(prompt, tokens.num_tokens)
+            embeds = self.language_model.embed_tokens(ids)
+            embeds[0, start : start + tokens.num_tokens] = tokens.features.to(embeds.dtype)
+            ledger.text_tokens = ids.shape[1] - tokens.num_tokens
+            ledger.newline_tokens = int(tokens.is_newline.sum())
+            visual_mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=self.device)
+            visual_mask[start : start + tokens.num_tokens] = True
+            with self._inner_llm_hooks(stack, visual_mask, ledger) as hooks:
+                with clock.stage("prefill"):
+                    cache, logits = self._prefill(embeds)
+                    limit = len(forced_ids) if forced_ids is not None else max_new_tokens
+                    first = self._choose(logits, 0, min_new_tokens)
+        with self._inner_llm_hooks(stack, visual_mask, ledger, hooks) as hooks:
+            with clock.stage("decode"):
+                new_ids = self._decode(cache, logits, first, embeds.shape[1], limit, min_new_tokens, forced_ids)
         if not ledger.llm_layers:
             ledger.llm_layers = [ids.shape[1]] * self.info.llm_layers
         ledger.new_tokens = len(new_ids)
-        timings["token_processing_ms"] = stack.strategy_seconds * 1e3
-        timings["prefill_ms"] = (prefill_s - (stack.strategy_seconds - pre_llm_seconds)) * 1e3
-        timings["decode_ms"] = decode_s * 1e3
-        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
-        return RunOutput(new_ids, self.decode_text(new_ids), prefill_logits, ledger, timings)
+        exclusive = clock.exclusive_ms()
+        timings = {
+            "ttft_ms": clock.inclusive_ms("ttft"),
+            "vision_ms": exclusive.get("vision", 0.0),
+            "token_processing_ms": exclusive.get("token_processing", 0.0),
+            "prefill_ms": exclusive.get("prefill", 0.0),
+            "other_ms": exclusive.get("ttft", 0.0),
+            "decode_ms": exclusive.get("decode", 0.0),
+        }
+        timings["total_ms"] = timings["ttft_ms"] + timings["decode_ms"]
+        return RunOutput(new_ids, self.decode_text(new_ids), logits[0].detach().float().cpu().clone(), ledger, timings)
 
-    def _generate(self, embeds: Tensor, hooks: _InnerLLMHooks | None, *, max_new_tokens: int, min_new_tokens: int):
-        lm, head = self.language_model, self.model.lm_head
-        cache = DynamicCache(config=lm.config)
-        length = embeds.shape[1]
-        t0 = time.perf_counter()
-        out = lm(inputs_embeds=embeds, position_ids=torch.arange(length, device=self.device)[None],
-                 past_key_values=cache, use_cache=True)
-        logits = head(out.last_hidden_state[:, -1])
-        self._sync()
-        prefill_s = time.perf_counter() - t0
-        prefill_logits = logits[0].detach().float().cpu().clone()
-        if hooks is not None:
-            hooks.prefill = False
-        eos, new_ids = self.eos_ids(), []
-        t0 = time.perf_counter()
-        for step in range(max_new_tokens):
-            scores = logits.float().clone()
-            if step < min_new_tokens and eos:
-                scores[:, sorted(eos)] = float("-inf")
-            next_id = int(scores.argmax(-1))
-            new_ids.append(next_id)
-            if next_id in eos or step + 1 == max_new_tokens:
+    def _prefill(self, embeds: Tensor):
+        cache = DynamicCache(config=self.language_model.config)
+        out = self.language_model(inputs_embeds=embeds, position_ids=torch.arange(embeds.shape[1], device=self.device)[None],
+                                  past_key_values=cache, use_cache=True)
+        return cache, self.model.lm_head(out.last_hidden_state[:, -1])
+
+    def _choose(self, logits: Tensor, step: int, min_new_tokens: int) -> int:
+        """Greedy choice; EOS is suppressed before ``min_new_tokens`` (as transformers' processor does)."""
+        eos = self.eos_ids()
+        if step < min_new_tokens and eos:
+            logits = logits.float().clone()
+            logits[:, sorted(eos)] = float("-inf")
+        return int(logits.argmax(-1))
+
+    def _decode(self, cache, logits: Tensor, first: int, length: int, limit: int, min_new_tokens: int,
+                forced_ids: list[int] | None) -> list[int]:
+        lm, eos, new_ids = self.language_model, self.eos_ids(), [first]
+        for step in range(1, limit):
+            fed = forced_ids[step - 1] if forced_ids is not None else new_ids[-1]
+            if forced_ids is None and fed in eos:
                 break
-            step_embeds = lm.embed_tokens(torch.tensor([[next_id]], device=self.device))
-            out = lm(inputs_embeds=step_embeds, position_ids=torch.tensor([[length + step]], device=self.device),
+            out = lm(inputs_embeds=lm.embed_tokens(torch.tensor([[fed]], device=self.device)),
+                     position_ids=torch.tensor([[length + step - 1]], device=self.device),
                      past_key_values=cache, use_cache=True)
-            logits = head(out.last_hidden_state[:, -1])
+            new_ids.append(self._choose(self.model.lm_head(out.last_hidden_state[:, -1]), step, min_new_tokens))
         self._sync()
-        return new_ids, prefill_logits, prefill_s, time.perf_counter() - t0
+        return new_ids
 
     @contextmanager
-    def _inner_llm_hooks(self, stack: CompressionStack, visual_mask: Tensor, ledger: TokenLedger):
+    def _inner_llm_hooks(self, stack: CompressionStack, visual_mask: Tensor, ledger: TokenLedger,
+                         previous: _InnerLLMHooks | None = None):
+        """Decoder pre-hooks for one run; pass the prefill's hooks object again to decode after it."""
         if not stack.llm_layers and not stack.attention_layers:
             yield None
             return
-        hooks = _InnerLLMHooks(self, stack, visual_mask, ledger)
+        hooks = previous or _InnerLLMHooks(self, stack, visual_mask, ledger)
+        hooks.prefill = previous is None
         handles = [layer.register_forward_pre_hook(hooks.hook_for(i), with_kwargs=True)
                    for i, layer in enumerate(self.language_model.layers)]
         try:
@@ -426,7 +437,8 @@ class _InnerLLMHooks:
                 self.alive = alive[state.kept]
                 kwargs = self._slice_kwargs(full_kwargs, self.alive)
         if index in self.stack.attention_layers:
-            self.attention[index] = self.adapter._last_token_attention(module, hidden, kwargs["position_embeddings"])
+            with self.stack.clock.stage("token_processing"):
+                self.attention[index] = self.adapter._last_token_attention(module, hidden, kwargs["position_embeddings"])
             self.ledger.attention_stats.append({"where": "llm", "layer": index, "seq": hidden.shape[1]})
         if self.alive is not None:
             self.alive_at[index] = self.alive

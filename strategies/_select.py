@@ -26,6 +26,9 @@ class PerFrameSelection(Strategy):
         """Positions (into ``members``) of the ``k`` tokens to keep for one frame."""
         raise NotImplementedError
 
+    def plan_pre_llm(self, info, tokens) -> None:
+        tokens.per_frame = [keep_count(n, self.ratio) for n in tokens.per_frame]
+
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         kept = []

@@ -38,6 +38,9 @@ class FastV(Strategy):
     def attention_layers(self, info: ModelInfo) -> set[int]:
         return {self.layer - 1}
 
+    def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
+        return ceil_ratio(visual, self.ratio)
+
     @hookimpl
     def tokcomp_inner_llm(self, state: LLMState) -> None:
         visual = state.visual_indices()

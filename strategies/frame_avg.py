@@ -25,6 +25,9 @@ class FrameAvg(Strategy):
     def encoder_layers(self, info: ModelInfo) -> set[int]:
         return {self.layer}
 
+    def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int, tokens: int) -> tuple[int, int]:
+        return (frames + 1) // 2, tokens
+
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         hidden, sources = average_adjacent_pairs(state.hidden, state.frame_sources)

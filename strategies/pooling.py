@@ -24,6 +24,13 @@ class Pooling(Strategy):
     def __post_init__(self) -> None:
         check_ratio(self.name, "ratio", self.ratio)
 
+    def plan_pre_llm(self, info, tokens) -> None:
+        h, w = tokens.grid
+        if any(n != h * w for n in tokens.per_frame):
+            raise ConfigError("strategy 'pooling' needs every frame's full token grid (put it first at pre_llm)")
+        out_h, out_w = side_for_ratio(h, self.ratio), side_for_ratio(w, self.ratio)
+        tokens.per_frame, tokens.grid = [out_h * out_w] * len(tokens.per_frame), (out_h, out_w)
+
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         h, w = state.grid

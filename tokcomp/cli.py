@@ -55,6 +55,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tokcomp.runner import format_table
+    from tokcomp.sweep import SweepRunner
+
+    sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks)
+    result = sweep.run(log=lambda msg: tqdm_write(msg), progress=not args.no_progress)
+    print(format_table(result.configurations))
+    if result.tracking_uri:
+        print(f"\nMLflow: sweep parent run {result.parent_run_id} at {result.tracking_uri}")
+    if result.failed:
+        print(f"failed: {', '.join(result.failed)} (run the same command again to retry them)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def tqdm_write(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokcomp", description=__doc__)
     parser.add_argument("--trace-hooks", action="store_true", default=None,
@@ -72,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. input.frames=8 model.dtype=bfloat16")
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p_run.set_defaults(func=cmd_run)
+
+    p_sweep = sub.add_parser("sweep", help="run a grid of comma-list overrides as one resumable parent run")
+    p_sweep.add_argument("experiment", help="experiment YAML file")
+    p_sweep.add_argument("overrides", nargs="*", help="e.g. configurations.c.strategies.0.params.ratio=0.25,0.1")
+    p_sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -7,12 +7,12 @@ order the YAML lists them. A strategy is called only at the layers it asked for.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from tokcomp.plugins import new_plugin_manager
 from tokcomp.state import EncoderState, LLMState, VisualTokens
 from tokcomp.strategy import ModelInfo, Strategy
+from tokcomp.timing import StageClock
 
 
 class CompressionStack:
@@ -35,7 +35,7 @@ class CompressionStack:
             self.encoder_attention_layers |= s.encoder_attention_layers(info)
             self.attention_layers |= s.attention_layers(info)
         self.has_pre_llm = any("pre_llm" in s.active_hooks() for s in self.strategies)
-        self.strategy_seconds = 0.0  # time spent inside strategy hooks (visual token processing)
+        self.clock = StageClock()  # replaced per run: strategy hooks count as "token_processing"
 
     @property
     def empty(self) -> bool:
@@ -50,25 +50,22 @@ class CompressionStack:
         ]
         return self.pm.subset_hook_caller(hook, others)
 
-    def start(self, seed: int) -> None:
-        self.strategy_seconds = 0.0
+    def start(self, seed: int, clock: StageClock | None = None) -> None:
+        self.clock = clock or StageClock()
         for s in self.strategies:
             s.start(seed)
 
     def intra_encoder(self, state: EncoderState) -> None:
-        t0 = time.perf_counter()
-        self._caller("tokcomp_intra_encoder", "encoder_layers", state.layer)(state=state)
-        self.strategy_seconds += time.perf_counter() - t0
+        with self.clock.stage("token_processing"):
+            self._caller("tokcomp_intra_encoder", "encoder_layers", state.layer)(state=state)
 
     def pre_llm(self, state: VisualTokens) -> None:
-        t0 = time.perf_counter()
-        self._caller("tokcomp_pre_llm")(state=state)
-        self.strategy_seconds += time.perf_counter() - t0
+        with self.clock.stage("token_processing"):
+            self._caller("tokcomp_pre_llm")(state=state)
 
     def inner_llm(self, state: LLMState) -> None:
-        t0 = time.perf_counter()
-        self._caller("tokcomp_inner_llm", "llm_layers", state.layer)(state=state)
-        self.strategy_seconds += time.perf_counter() - t0
+        with self.clock.stage("token_processing"):
+            self._caller("tokcomp_inner_llm", "llm_layers", state.layer)(state=state)
 
     def close(self) -> None:
         for s in self.strategies:

@@ -67,6 +67,19 @@ class Strategy:
     def start(self, seed: int) -> None:
         """Called before each forward pass: reset per-run state, seed randomness."""
 
+    # --- declared token schedules (override when counts follow from the parameters alone) ---
+    def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int, tokens: int) -> tuple[int, int]:
+        """(frames, tokens per frame) after this strategy acts at vision layer ``layer``."""
+        raise NotImplementedError
+
+    def plan_pre_llm(self, info: ModelInfo, tokens: Any) -> None:
+        """Update a ``tokcomp.plan.PlannedTokens`` (per-frame counts, newline count, grid) in place."""
+        raise NotImplementedError
+
+    def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
+        """Visual tokens kept when acting before decoder layer ``layer`` with ``visual`` alive."""
+        raise NotImplementedError
+
     def restrict_hooks(self, hooks: list[str] | None) -> None:
         """Enable only these hook points (from YAML ``hooks:``); each must be one it implements."""
         if hooks is None:

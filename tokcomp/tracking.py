@@ -71,6 +71,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bar is enough
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -111,6 +112,24 @@ class Tracker:
 
     def log_json(self, run_id: str, data: Any, artifact_file: str) -> None:
         self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_tensor(self, run_id: str, tensor: Any, artifact_file: str) -> None:
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / artifact_file
+            torch.save(tensor, path)
+            self.client.log_artifact(run_id, str(path))
+
+    def load_tensor(self, run_id: str, artifact_file: str) -> Any:
+        import torch
+
+        return torch.load(self.client.download_artifacts(run_id, artifact_file), weights_only=True)
+
+    def load_json(self, run_id: str, artifact_file: str) -> Any:
+        return json.loads(Path(self.client.download_artifacts(run_id, artifact_file)).read_text())
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

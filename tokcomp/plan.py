@@ -1,0 +1,82 @@
+"""Token schedules without a forward pass: the ledger a run *would* record.
+
+Strategies whose token counts follow from their parameters declare them through ``plan_*``
+methods mirroring their hooks; ``plan_ledger`` replays the adapter's order of events (vision
+layers, pre-LLM, decoder layers, attention statistics) on counts only. Data-dependent strategies
+(temporal merging by similarity) do not declare a plan: their FLOPs need a finished run's ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokcomp.errors import TokcompError
+from tokcomp.ledger import TokenLedger, VisionLayerEntry
+from tokcomp.strategy import ModelInfo, Strategy
+
+
+class ScheduleUnknown(TokcompError):
+    """A strategy's token counts depend on the data; use the ledger of a finished run."""
+
+
+@dataclass
+class PlannedTokens:
+    """Visual-token counts at the pre-LLM stage: per frame, plus newline tokens."""
+
+    per_frame: list[int]
+    newline: int
+    grid: tuple[int, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_frame) + self.newline
+
+
+def _active(strategies: Sequence[Strategy], hook: str) -> list[Strategy]:
+    return [s for s in strategies if hook in s.active_hooks()]
+
+
+def _require(strategy: Strategy, method: str) -> None:
+    if getattr(type(strategy), method) is getattr(Strategy, method):
+        raise ScheduleUnknown(
+            f"strategy {strategy.name!r} has a data-dependent token schedule; compute FLOPs from a finished "
+            "run's ledger (tokcomp flops --from-run RUN_ID)"
+        )
+
+
+def plan_ledger(info: ModelInfo, frames: int, text_tokens: int, strategies: Sequence[Strategy]) -> TokenLedger:
+    ledger = TokenLedger(input_frames=frames, text_tokens=text_tokens)
+    count, tokens = frames, info.vision_grid[0] * info.vision_grid[1]
+    encoder = _active(strategies, "intra_encoder")
+    stats_vision = set().union(*(s.encoder_attention_layers(info) for s in strategies)) if strategies else set()
+    for layer in range(info.vision_layers):
+        ledger.vision_layers.append(VisionLayerEntry(count, tokens))
+        if layer in stats_vision:
+            ledger.attention_stats.append({"where": "vision", "layer": layer, "frames": count, "tokens": tokens})
+        for s in encoder:
+            if layer in s.encoder_layers(info):
+                _require(s, "plan_intra_encoder")
+                count, tokens = s.plan_intra_encoder(info, layer, count, tokens)
+    ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = count, tokens
+    pooled = info.pooled_grid[0] * info.pooled_grid[1]
+    ledger.pooled_tokens_per_frame = pooled
+    planned = PlannedTokens([pooled] * count, 1, info.pooled_grid)
+    ledger.visual_tokens_before_pre_llm = planned.total
+    for s in _active(strategies, "pre_llm"):
+        _require(s, "plan_pre_llm")
+        s.plan_pre_llm(info, planned)
+    ledger.visual_tokens_after_pre_llm, ledger.newline_tokens = planned.total, planned.newline
+    visual, seq = planned.total, text_tokens + planned.total
+    inner = _active(strategies, "inner_llm")
+    stats_llm = set().union(*(s.attention_layers(info) for s in strategies)) if strategies else set()
+    for layer in range(info.llm_layers):
+        for s in inner:
+            if layer in s.llm_layers(info):
+                _require(s, "plan_inner_llm")
+                kept = s.plan_inner_llm(info, layer, visual)
+                seq, visual = seq - (visual - kept), kept
+        if layer in stats_llm:
+            ledger.attention_stats.append({"where": "llm", "layer": layer, "seq": seq})
+        ledger.llm_layers.append(seq)
+    return ledger
