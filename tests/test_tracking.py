@@ -87,7 +87,12 @@ def test_child_run_holds_params_metrics_tags_and_artifacts(experiment):
     assert data.metrics["tokens.llm_visual"] == 4 * 4 + 1
     assert data.metrics["tokens.vision_in"] == 4 * 64
     assert data.metrics["retained_ratio"] == pytest.approx(17 / 65)
-    assert data.metrics["time.total_ms"] > 0
+    for metric in ("ttft.total_ms", "ttft.total_ms_min", "ttft.total_ms_max", "ttft.vision_ms",
+                   "ttft.token_processing_ms", "ttft.prefill_ms", "ttft.other_ms", "throughput.tokens_per_s",
+                   "memory.peak_mb", "fidelity.kl", "fidelity.top1_agreement", "fidelity.exact_match"):
+        assert metric in data.metrics, metric
+    assert data.metrics["ttft.total_ms_min"] <= data.metrics["ttft.total_ms"] <= data.metrics["ttft.total_ms_max"]
+    assert data.tags["tokcomp.baseline"] == "false"
     for tag in ("torch.version", "transformers.version", "host.cpu", "host.device", "model.dtype",
                 "model.attn_implementation"):
         assert data.tags[tag]
@@ -97,6 +102,13 @@ def test_child_run_holds_params_metrics_tags_and_artifacts(experiment):
     assert ledger["visual_tokens_after_pre_llm"] == 17 and len(ledger["llm_layers"]) == 4
     config = open(client.download_artifacts(run.info.run_id, "config.yaml")).read()
     assert "pooling" in config and "fastv" not in config
+
+
+def test_baseline_run_keeps_its_logits_and_has_no_fidelity(experiment):
+    result, client = experiment
+    run = children(client, result)["uncompressed"]
+    assert run.data.tags["tokcomp.baseline"] == "true" and "fidelity.kl" not in run.data.metrics
+    assert "prefill_logits.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_fastv_run_records_the_shorter_late_layers(experiment):

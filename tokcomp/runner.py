@@ -102,7 +102,11 @@ def configuration_config(cfg: DictConfig, conf_name: str) -> dict[str, Any]:
 
 
 def config_hash(cfg: DictConfig, conf_name: str) -> str:
-    text = json.dumps(configuration_config(cfg, conf_name), sort_keys=True, default=str)
+    """Identity of one configuration's run within its resolved experiment (a sweep point):
+    the whole resolved config counts, so each point keeps its own baseline and comparisons."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("tracking", None)
+    text = json.dumps({"experiment": data, "configuration": conf_name}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
