@@ -18,6 +18,12 @@ def _build_llava_onevision(spec, preset: str):
     return llava_onevision.build(spec, preset)
 
 
+def _describe_llava_onevision(spec, preset: str):
+    from tokcomp.models import llava_onevision
+
+    return llava_onevision.describe(spec, preset)
+
+
 def _bundled_dims(name: str) -> dict:
     from importlib.resources import files
 
@@ -33,6 +39,7 @@ def tokcomp_register_models(register):
         name="tiny", family=_LLAVA_OV,
         summary="random-weight LLaVA-OneVision built in code (byte tokenizer), for tests and the demo",
         build=partial(_build_llava_onevision, preset="tiny"),
+        describe=partial(_describe_llava_onevision, preset="tiny"),
         dims={"vision": "SigLIP 4L/32d @112px", "llm": "Qwen2 4L/64d GQA 4/2"},
     ))
     for size in ("0.5b", "7b"):
@@ -41,5 +48,6 @@ def tokcomp_register_models(register):
             name=name, family=_LLAVA_OV,
             summary=f"LLaVA-OneVision {size.upper()}: weights: random (bundled config) or pretrained / hub id / path",
             build=partial(_build_llava_onevision, preset=name),
+            describe=partial(_describe_llava_onevision, preset=name),
             hub_id=f"llava-hf/llava-onevision-qwen2-{size}-ov-hf", dims=_bundled_dims(name),
         ))

@@ -20,5 +20,6 @@ class ModelPreset:
     family: str
     summary: str
     build: Callable[..., Any]
+    describe: Callable[..., Any] | None = None  # spec -> (ModelInfo, ModelDims, prompt-token counter)
     hub_id: str | None = None
     dims: dict[str, Any] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
 from transformers import (
@@ -84,6 +85,67 @@ def bundled_config(preset: str, image_size: int | None = None) -> LlavaOnevision
     return LlavaOnevisionConfig(**data)
 
 
+def info_from_config(config: LlavaOnevisionConfig, preset: str) -> ModelInfo:
+    vc, tc = config.vision_config, config.text_config
+    side = vc.image_size // vc.patch_size
+    pooled = (side + 1) // 2
+    return ModelInfo(name=preset, vision_layers=vc.num_hidden_layers, vision_grid=(side, side),
+                     pooled_grid=(pooled, pooled), llm_layers=tc.num_hidden_layers, llm_hidden=tc.hidden_size)
+
+
+def preset_config(spec: Any, preset: str) -> LlavaOnevisionConfig:
+    """The model config a build of ``preset`` with ``spec`` would use, without building weights."""
+    if spec.weights == "random":
+        if preset == "tiny":
+            return tiny_config(build_byte_tokenizer(), spec.image_size or 112)
+        return bundled_config(preset, spec.image_size)
+    source = _checkpoint(spec, preset)
+    try:
+        return LlavaOnevisionConfig.from_pretrained(source)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the config of {source!r}: {exc}") from exc
+
+
+def _checkpoint(spec: Any, preset: str) -> str:
+    if spec.image_size is not None:
+        raise ConfigError(f"model.image_size={spec.image_size} only applies to weights: random")
+    source = PRESET_HUB_IDS.get(preset) if spec.weights == "pretrained" else spec.weights
+    if source is None:
+        raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
+    return source
+
+
+def prompt_token_counter(spec: Any, preset: str):
+    """Counts the chat-formatted prompt's text tokens as a run would (random presets: byte tokenizer)."""
+    if spec.weights == "random":
+        tokenizer = build_byte_tokenizer()
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(_checkpoint(spec, preset))
+        except OSError as exc:
+            raise ConfigError(f"cannot load the tokenizer of {spec.weights!r} to count prompt tokens "
+                              f"(give --text-tokens): {exc}") from exc
+
+    def count(prompt: str) -> int:
+        before, after = chat_segments(prompt)
+        return len(tokenizer(before, add_special_tokens=False).input_ids) + len(
+            tokenizer(after, add_special_tokens=False).input_ids)
+
+    return count
+
+
+def chat_segments(prompt: str) -> tuple[str, str]:
+    """The chat template around the video placeholder (LLaVA-OneVision's Qwen format)."""
+    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n",
+            f"\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def describe(spec: Any, preset: str):
+    """(ModelInfo, ModelDims, prompt-token counter) of a preset, without building the model."""
+    config = preset_config(spec, preset)
+    return info_from_config(config, preset), dims_from_config(config), prompt_token_counter(spec, preset)
+
+
 def _random_model(config: LlavaOnevisionConfig, dtype: torch.dtype, attn: str, seed: int):
     config._attn_implementation = attn
     for sub in (config.vision_config, config.text_config):
@@ -103,21 +165,11 @@ def build(spec: Any, preset: str) -> LlavaOnevisionAdapter:
     dtype = torch_dtype(spec.dtype)
     if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={spec.device!r} but no CUDA device is available here")
-    weights = spec.weights
-    if weights == "random":
-        if preset == "tiny":
-            tokenizer = build_byte_tokenizer()
-            config = tiny_config(tokenizer, spec.image_size or 112)
-        else:
-            tokenizer = build_byte_tokenizer()
-            config = bundled_config(preset, spec.image_size)
-        model = _random_model(config, dtype, spec.attn_implementation, spec.seed)
+    if spec.weights == "random":
+        tokenizer = build_byte_tokenizer()
+        model = _random_model(preset_config(spec, preset), dtype, spec.attn_implementation, spec.seed)
     else:
-        if spec.image_size is not None:
-            raise ConfigError(f"model.image_size={spec.image_size} only applies to weights: random")
-        source = PRESET_HUB_IDS.get(preset) if weights == "pretrained" else weights
-        if source is None:
-            raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
+        source = _checkpoint(spec, preset)
         try:
             model = LlavaOnevisionForConditionalGeneration.from_pretrained(
                 source, dtype=dtype, attn_implementation=spec.attn_implementation
@@ -143,13 +195,8 @@ class LlavaOnevisionAdapter:
         self.tokenizer = tokenizer
         self.preset = preset
         self.config = model.config
-        vc, tc = self.config.vision_config, self.config.text_config
-        side = vc.image_size // vc.patch_size
-        pooled = (side + 1) // 2
-        self.info = ModelInfo(
-            name=preset, vision_layers=vc.num_hidden_layers, vision_grid=(side, side),
-            pooled_grid=(pooled, pooled), llm_layers=tc.num_hidden_layers, llm_hidden=tc.hidden_size,
-        )
+        self.info = info_from_config(self.config, preset)
+        self.dims = dims_from_config(self.config)
 
     # ---- model parts ---------------------------------------------------------------------
     @property
@@ -194,8 +241,7 @@ class LlavaOnevisionAdapter:
 
     def prompt_ids(self, prompt: str, num_visual: int) -> tuple[Tensor, int]:
         """Chat-formatted ids with ``num_visual`` video placeholders; returns ids and the span start."""
-        before = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-        after = f"\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        before, after = chat_segments(prompt)
         pre = self.tokenizer(before, add_special_tokens=False).input_ids
         post = self.tokenizer(after, add_special_tokens=False).input_ids
         ids = pre + [self.config.video_token_id] * num_visual + post

@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("overrides", nargs="*", help="e.g. configurations.c.strategies.0.params.ratio=0.25,0.1")
     p_sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_sweep.set_defaults(func=cmd_sweep)
+
+    from tokcomp.flops_cli import add_flops_arguments, cmd_flops
+
+    p_flops = sub.add_parser("flops", help="analytic FLOPs (paper and exact protocols), no weights or video needed")
+    add_flops_arguments(p_flops)
+    p_flops.set_defaults(func=cmd_flops)
+
+    from tokcomp.report import add_compare_arguments, cmd_compare
+
+    p_compare = sub.add_parser("compare", help="compare the configurations of a run or sweep from MLflow: table and plots")
+    add_compare_arguments(p_compare)
+    p_compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -31,7 +31,7 @@ class TokenLedger:
     visual_tokens_before_pre_llm: int = 0
     visual_tokens_after_pre_llm: int = 0
     text_tokens: int = 0
-    newline_tokens: int = 0  # of the visual tokens spliced in, how many are newline tokens
+    newline_tokens: int = 1  # of the visual tokens spliced in, how many are newline tokens (LLaVA-OV: one)
     llm_layers: list[int] = field(default_factory=list)
     new_tokens: int = 0
     # Attention statistics computed for strategies (extra work outside the model's own forward):

@@ -80,3 +80,42 @@ def plan_ledger(info: ModelInfo, frames: int, text_tokens: int, strategies: Sequ
             ledger.attention_stats.append({"where": "llm", "layer": layer, "seq": seq})
         ledger.llm_layers.append(seq)
     return ledger
+
+
+def schedule_ledger(info: ModelInfo, frames: int, text_tokens: int, *, visual_tokens: int | None = None,
+                    vision_frames_after: Sequence[tuple[int, int]] = (),
+                    llm_stages: Sequence[tuple[int, float]] = ()) -> TokenLedger:
+    """A ledger from an explicit schedule, for methods that are not (yet) strategies or are data-dependent.
+
+    ``vision_frames_after``: (layer, frames) pairs, frames alive after that vision layer;
+    ``visual_tokens``: video tokens spliced in (newline excluded; default all frames' pooled tokens);
+    ``llm_stages``: (layer, ratio) pairs, from that decoder layer on keep round(n * ratio) video tokens.
+    """
+    from tokcomp.errors import ConfigError
+
+    after = dict(vision_frames_after)
+    for layer, count in after.items():
+        if not 0 <= layer < info.vision_layers or count < 1:
+            raise ConfigError(f"vision frames after layer {layer}: need 0 <= layer < {info.vision_layers} and frames >= 1")
+    for layer, ratio in llm_stages:
+        if not 0 <= layer < info.llm_layers or not 0 < ratio <= 1:
+            raise ConfigError(f"LLM stage {layer}:{ratio}: need 0 <= layer < {info.llm_layers} and 0 < ratio <= 1")
+    ledger = TokenLedger(input_frames=frames, text_tokens=text_tokens, newline_tokens=1)
+    count, tokens = frames, info.vision_grid[0] * info.vision_grid[1]
+    for layer in range(info.vision_layers):
+        ledger.vision_layers.append(VisionLayerEntry(count, tokens))
+        count = after.get(layer, count)
+    pooled = info.pooled_grid[0] * info.pooled_grid[1]
+    ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = count, tokens
+    ledger.pooled_tokens_per_frame = pooled
+    ledger.visual_tokens_before_pre_llm = count * pooled + 1
+    video = count * pooled if visual_tokens is None else visual_tokens
+    if video < 0:
+        raise ConfigError(f"visual tokens must be >= 0, got {video}")
+    ledger.visual_tokens_after_pre_llm = video + 1
+    stages = dict(llm_stages)
+    for layer in range(info.llm_layers):
+        if layer in stages:
+            video = round(video * stages[layer])
+        ledger.llm_layers.append(text_tokens + video + 1)
+    return ledger

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokcomp.config import flatten, to_yaml
 from tokcomp.errors import ConfigError, TokcompError
 from tokcomp.fidelity import fidelity_metrics
+from tokcomp.flops import count_all
 from tokcomp.plugins import Plugins
 from tokcomp.stack import CompressionStack
 from tokcomp.strategy import Strategy
@@ -304,7 +305,17 @@ class ExperimentRunner:
             stack.close()
 
     def _flops_metrics(self, ledger) -> dict[str, float]:
-        return {}
+        return flops_metrics(ledger, self.adapter.dims)
+
+
+def flops_metrics(ledger, dims) -> dict[str, float]:
+    """Both protocols from the run's own ledger: ``flops.<protocol>.<part>_T``."""
+    metrics = {}
+    for protocol, report in count_all(ledger, dims).items():
+        for key, value in report.to_dict().items():
+            if key != "protocol" and value is not None:
+                metrics[f"flops.{protocol}.{key}"] = value
+    return metrics
 
 
 def open_tracker(cfg: DictConfig):

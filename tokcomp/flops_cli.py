@@ -1,0 +1,161 @@
+"""``tokcomp flops``: analytic FLOPs without weights or video.
+
+Two forms: ``--model PRESET --frames N`` (the uncompressed model, or an explicit schedule given by
+``--visual-tokens``, ``--vision-frames-after`` and ``--llm-stage``), and ``EXPERIMENT.yaml`` (each
+configuration's declared schedule, or the ledgers of a finished run with ``--from-run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from tokcomp.errors import ConfigError, TokcompError
+from tokcomp.flops import count_all
+from tokcomp.ledger import TokenLedger
+from tokcomp.tables import render_table
+
+PROTOCOLS = ("paper", "exact")
+
+
+def _pair(text: str, cast) -> tuple[int, Any]:
+    try:
+        a, b = text.split(":")
+        return int(a), cast(b)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER:VALUE") from exc
+
+
+def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", nargs="?", help="experiment YAML (else --model)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the experiment")
+    parser.add_argument("--model", help="model preset, for the uncompressed model or an explicit schedule")
+    parser.add_argument("--frames", type=int, default=32, help="frames (with --model; default 32)")
+    parser.add_argument("--weights", default="random", help="with --model: random (default), pretrained or a path")
+    parser.add_argument("--text-tokens", type=int, help="prompt text tokens (default: counted from the prompt)")
+    parser.add_argument("--visual-tokens", type=int, help="video tokens reaching the LLM (newline excluded)")
+    parser.add_argument("--vision-frames-after", action="append", default=[], metavar="LAYER:FRAMES",
+                        type=lambda t: _pair(t, int), help="frames alive after a vision layer (repeatable)")
+    parser.add_argument("--llm-stage", action="append", default=[], metavar="LAYER:RATIO",
+                        type=lambda t: _pair(t, float), help="from this decoder layer keep RATIO of the video tokens")
+    parser.add_argument("--from-run", metavar="RUN_ID", help="use the ledgers of a finished run (parent or child)")
+    parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both")
+    parser.add_argument("--json", action="store_true", help="JSON output")
+
+
+def _spec(args: argparse.Namespace):
+    from tokcomp.config import ModelConfig
+
+    return ModelConfig(preset=args.model, weights=args.weights)
+
+
+def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
+    from tokcomp.plan import schedule_ledger
+    from tokcomp.plugins import Plugins
+
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be at least 1, got {args.frames}")
+    preset = Plugins().model(args.model)
+    info, dims, count_prompt = preset.describe(_spec(args))
+    text = args.text_tokens if args.text_tokens is not None else count_prompt("Describe what happens in the video.")
+    ledger = schedule_ledger(info, args.frames, text, visual_tokens=args.visual_tokens,
+                             vision_frames_after=args.vision_frames_after, llm_stages=args.llm_stage)
+    return {args.model: (ledger, dims)}
+
+
+def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | str, Any]]:
+    from tokcomp.config import load_experiment
+    from tokcomp.plan import ScheduleUnknown, plan_ledger
+    from tokcomp.plugins import Plugins
+    from tokcomp.runner import build_strategies
+
+    cfg = load_experiment(args.experiment, args.overrides)
+    plugins = Plugins(list(cfg.plugins))
+    info, dims, count_prompt = plugins.model(cfg.model.preset).describe(cfg.model)
+    text = args.text_tokens if args.text_tokens is not None else count_prompt(cfg.input.prompt)
+    recorded = _recorded_ledgers(cfg, args.from_run) if args.from_run else {}
+    rows: dict[str, tuple[TokenLedger | str, Any]] = {}
+    for name, strategies in build_strategies(plugins, cfg).items():
+        for strategy in strategies:
+            strategy.check(info)
+        if name in recorded:
+            rows[name] = (recorded[name], dims)
+            continue
+        try:
+            rows[name] = (plan_ledger(info, cfg.input.frames, text, strategies), dims)
+        except ScheduleUnknown as exc:
+            rows[name] = (str(exc), dims)
+    return rows
+
+
+def _recorded_ledgers(cfg, run_id: str) -> dict[str, TokenLedger]:
+    """Ledgers by configuration name from a finished run: a parent's children, or one child."""
+    from tokcomp.tracking import Tracker, resolve_tracking_uri
+
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment or cfg.name)
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception as exc:
+        raise ConfigError(f"--from-run {run_id!r}: no such run at {tracker.uri}") from exc
+    if run.data.tags.get("tokcomp.kind") == "configuration":
+        runs = [run]
+    else:
+        runs = tracker.client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                          order_by=["attributes.start_time ASC"])
+    ledgers = {}
+    for child in runs:
+        if child.info.status == "FINISHED" and child.data.tags.get("tokcomp.configuration"):
+            data = tracker.load_json(child.info.run_id, "ledger.json")
+            ledgers[child.data.tags["tokcomp.configuration"]] = TokenLedger.from_dict(data)
+    if not ledgers:
+        raise ConfigError(f"--from-run {run_id!r} has no finished configuration with a ledger")
+    return ledgers
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    if (args.experiment is None) == (args.model is None):
+        raise ConfigError("give either an experiment YAML or --model PRESET")
+    if args.experiment and (args.visual_tokens is not None or args.vision_frames_after or args.llm_stage):
+        raise ConfigError("--visual-tokens, --vision-frames-after and --llm-stage go with --model")
+    rows = experiment_rows(args) if args.experiment else model_rows(args)
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    results: dict[str, Any] = {}
+    for name, (ledger, dims) in rows.items():
+        if isinstance(ledger, str):
+            results[name] = {"error": ledger}
+            continue
+        reports = count_all(ledger, dims)
+        results[name] = {p: reports[p].to_dict() for p in protocols}
+        results[name]["visual_tokens"] = ledger.visual_tokens_after_pre_llm
+    if args.json:
+        print(json.dumps(results[args.model] if args.model else {"configurations": results}, indent=2))
+    else:
+        print(flops_table(results, protocols))
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+def flops_table(results: dict[str, Any], protocols: tuple[str, ...]) -> str:
+    """Per configuration: each protocol's vision / LLM / total T and its share of the first row's total."""
+    header = ["configuration", "visual tok"]
+    for p in protocols:
+        header += [f"{p} vision T", f"{p} LLM T", f"{p} total T", f"{p} %"]
+    if "exact" in protocols:
+        header += ["exact projector T", "decode GFLOPs/token"]
+    reference = next((r for r in results.values() if "error" not in r), None)
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append([name, r["error"]])
+            continue
+        row = [name, str(r["visual_tokens"])]
+        for p in protocols:
+            share = 100 * r[p]["total_T"] / reference[p]["total_T"] if reference[p]["total_T"] else 0.0
+            row += [f"{r[p]['vision_T']:.4g}", f"{r[p]['llm_T']:.4g}", f"{r[p]['total_T']:.4g}", f"{share:.1f}%"]
+        if "exact" in protocols:
+            row += [f"{r['exact']['projector_T']:.4g}", f"{1e3 * r['exact']['decode_per_token_T']:.4g}"]
+        rows.append(row)
+    return render_table(header, rows)
+
+
+__all__ = ["add_flops_arguments", "cmd_flops", "TokcompError"]
