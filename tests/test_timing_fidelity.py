@@ -33,10 +33,10 @@ def test_ttft_parts_add_up_to_the_total(plugins, tiny, pixels):
 
 def test_peak_memory_sees_a_large_allocation():
     with PeakMemory(interval_s=0.001) as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB
-        time.sleep(0.05)
+        block = torch.ones(256 * 2**20 // 4)  # 256 MiB: above glibc's mmap threshold, so fresh pages
+        time.sleep(0.3)  # the sampler thread may be slow to get a core on a busy machine
         del block
-    assert memory.peak_mb > 48
+    assert memory.peak_mb > 200
 
 
 def test_kl_is_zero_for_identical_and_positive_for_different_distributions():
