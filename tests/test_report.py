@@ -165,7 +165,7 @@ def test_table_gives_flops_ratios_and_speedup_against_the_baseline(rows):
     cells = table_cells(comparison_table(rows))
     topk = cells["topk_25"]
     assert topk["retained"] == "25.0%"
-    assert (topk["FLOPs paper T"], topk["paper %"]) == ("50.5", "61.1%")  # 50.5 / 82.6
+    assert (topk["FLOPs paper T"], topk["paper %"]) == ("50.50", "61.1%")  # 50.5 / 82.6
     assert (topk["FLOPs exact T"], topk["exact %"]) == ("48.00", "60.0%")
     assert (topk["TTFT ms"], topk["speedup"]) == ("516.6", "x1.72")  # 889.9 / 516.6
     assert (topk["tok/s"], topk["KL"], topk["top-1"], topk["exact match"]) == ("29.4", "0.0512", "95.0%", "yes")

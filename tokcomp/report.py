@@ -207,6 +207,13 @@ def speedup(row: Row, base: Row | None) -> float | None:
 
 # --- the table and the CSV ---------------------------------------------------------------------
 
+def _tera(value: float | None) -> str:
+    """T with two decimals; tiny test models get three significant digits instead of 0.00."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.3g}"
+
+
 def comparison_table(rows: list[Row]) -> str:
     """The paper's Table 1 layout: retention, FLOPs and their ratio, TTFT and speedup, throughput, fidelity."""
     bases = baselines(rows)
@@ -220,8 +227,8 @@ def _table_cells(row: Row, base: Row | None) -> list[str]:
     paper, exact = ratio(row, base, "flops.paper.total_T"), ratio(row, base, "flops.exact.total_T")
     return [
         row.label, _fmt(_percent(m.get("retained_ratio")), "{:.1f}%"),
-        _fmt(m.get("flops.paper.total_T"), "{:.4g}"), _fmt(_percent(paper), "{:.1f}%"),
-        _fmt(m.get("flops.exact.total_T"), "{:.4g}"), _fmt(_percent(exact), "{:.1f}%"),
+        _tera(m.get("flops.paper.total_T")), _fmt(_percent(paper), "{:.1f}%"),
+        _tera(m.get("flops.exact.total_T")), _fmt(_percent(exact), "{:.1f}%"),
         _fmt(m.get("ttft.total_ms"), "{:.1f}"), _fmt(speedup(row, base), "x{:.2f}"),
         _fmt(m.get("throughput.tokens_per_s"), "{:.1f}"), _fmt(m.get("fidelity.kl"), "{:.4f}"),
         _fmt(_percent(m.get("fidelity.top1_agreement")), "{:.1f}%"), _yes_no(m.get("fidelity.exact_match")),
