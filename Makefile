@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/tokcomp run experiments/quickstart.yaml
+	$(BIN)/tokcomp compare experiments/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
