@@ -87,14 +87,37 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_rss_high_water_mark() -> bool:
+    """Linux lets a process reset its own peak-RSS counter (VmHWM) by writing 5 to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_high_water_mark_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 class PeakMemory:
-    """Peak memory of a block: CUDA's allocator peak, or on CPU the sampled resident-set peak above the start."""
+    """Peak memory of a block: CUDA's allocator peak, or on CPU the resident-set peak above the start.
+
+    On Linux the CPU peak is the kernel's own high-water mark (reset on entry), so short spikes are
+    not missed; elsewhere a background thread samples the resident set.
+    """
 
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002):
         self.cuda = torch.device(device).type == "cuda"
         self.interval_s = interval_s
         self.peak_mb = 0.0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.cuda:
@@ -103,8 +126,10 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated()
             return self
         self._start = self._peak = _rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._kernel_peak = _reset_rss_high_water_mark()
+        if not self._kernel_peak:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -116,7 +141,10 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
             return
-        self._stop.set()
-        self._thread.join()
+        if self._kernel_peak:
+            self._peak = _rss_high_water_mark_bytes()
+        else:
+            self._stop.set()
+            self._thread.join()
         self._peak = max(self._peak, _rss_bytes())
-        self.peak_mb = (self._peak - self._start) / 2**20
+        self.peak_mb = max(0.0, (self._peak - self._start) / 2**20)
