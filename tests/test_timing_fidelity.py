@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import PROMPT, run_with
 from tokcomp.fidelity import next_token_kl, top1_agreement
-from tokcomp.timing import PeakMemory, StageClock
+from tokcomp.timing import StageClock
 
 
 def test_stage_clock_reports_exclusive_time_of_nested_stages():
@@ -32,11 +32,15 @@ def test_ttft_parts_add_up_to_the_total(plugins, tiny, pixels):
 
 
 def test_peak_memory_sees_a_large_allocation():
-    with PeakMemory(interval_s=0.001) as memory:
-        block = torch.ones(256 * 2**20 // 4)  # 256 MiB: above glibc's mmap threshold, so fresh pages
-        time.sleep(0.3)  # the sampler thread may be slow to get a core on a busy machine
-        del block
-    assert memory.peak_mb > 200
+    """In a fresh process: a long-lived one may serve the block from pages it already holds,
+    which the resident-set peak (rightly) does not count as growth."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from tokcomp.timing import PeakMemory\n"
+            "with PeakMemory() as m:\n    b = torch.ones(256 * 2**20 // 4); del b\nprint(m.peak_mb)")
+    peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 200 < peak < 400
 
 
 def test_kl_is_zero_for_identical_and_positive_for_different_distributions():
