@@ -319,6 +319,7 @@ class LlavaOnevisionAdapter:
             features=feats, frame=torch.cat([frame, minus1]), row=torch.cat([cells // pw, minus1]),
             col=torch.cat([cells % pw, minus1]), is_newline=torch.arange(n, device=dev) == n - 1,
             source=torch.arange(n, device=dev), frame_sources=state.frame_sources, grid=(ph, pw), scores=scores,
+            meta=state.meta,
         )
         ledger.visual_tokens_before_pre_llm = n
         if stack.has_pre_llm:

@@ -44,13 +44,17 @@ class EncoderState:
     grid: tuple[int, int]
     frame_sources: list[list[int]]
     attention: Tensor | None = None  # (frames, tokens): mean attention each token receives
+    meta: dict = field(default_factory=dict)  # strategy results for later hook points (e.g. segments)
 
     @property
     def num_frames(self) -> int:
         return self.hidden.shape[0]
 
-    def replace(self, hidden: Tensor, frame_sources: list[list[int]] | None = None) -> None:
-        """Replace the hidden states (fewer frames and/or tokens); dim and dtype must not change."""
+    def replace(self, hidden: Tensor, frame_sources: list[list[int]] | None = None,
+                attention: Tensor | None = None) -> None:
+        """Replace the hidden states (fewer frames and/or tokens); dim and dtype must not change.
+
+        ``attention``: the received-attention statistic merged the same way (else it is dropped)."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden.shape[-1]:
             raise StrategyContractError(
                 f"intra-encoder: new hidden states must be (frames, tokens, {self.hidden.shape[-1]}), "
@@ -66,9 +70,13 @@ class EncoderState:
             )
         if hidden.shape[1] != self.hidden.shape[1]:
             self.grid = (0, 0)  # no longer a square grid; pooling must know
+        if attention is not None and attention.shape != hidden.shape[:2]:
+            raise StrategyContractError(
+                f"intra-encoder: attention must be (frames, tokens) = {tuple(hidden.shape[:2])}, got {tuple(attention.shape)}"
+            )
         self.hidden = hidden.to(self.hidden.dtype)
         self.frame_sources = [list(s) for s in frame_sources]
-        self.attention = None
+        self.attention = attention
 
 
 @dataclass
@@ -88,6 +96,7 @@ class VisualTokens:
     frame_sources: list[list[int]]
     grid: tuple[int, int]
     scores: Tensor | None = None  # (N,), importance when requested
+    meta: dict = field(default_factory=dict)  # carried over from the intra-encoder state
 
     @property
     def num_tokens(self) -> int:
