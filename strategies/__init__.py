@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from tokcomp.strategies.fastv import FastV
 from tokcomp.strategies.frame_avg import FrameAvg
+from tokcomp.strategies.holitom import HOLITOM_STRATEGIES
 from tokcomp.strategies.pooling import Pooling
 from tokcomp.strategies.subsample import Random, TopK, Uniform
 
 from tokcomp.hookspecs import hookimpl
 
-BUILTIN = (Pooling, Uniform, Random, TopK, FastV, FrameAvg)
+BUILTIN = (Pooling, Uniform, Random, TopK, FastV, FrameAvg, *HOLITOM_STRATEGIES)
 
 
 @hookimpl
