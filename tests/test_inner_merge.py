@@ -13,12 +13,12 @@ from tokcomp.strategies.holitom import HOLITOM_STRATEGIES, InnerMerge
 from tests.conftest import PROMPT, run_with
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
+from tokcomp.ops.kernels import scatter_mean
 from tokcomp.ops.merge import (
     merge_mean,
     merge_sequential,
     merged_keep_count,
     nearest_kept,
-    scatter_mean,
     sequential_weights,
 )
 from tokcomp.plan import plan_ledger
@@ -62,13 +62,13 @@ def test_scatter_mean_counts_the_base_row_once_per_group():
     values = torch.tensor([[1.0], [2.0], [3.0]])
     index = idx(0, 0, 1)
     base = torch.tensor([[0.0], [10.0], [5.0]])
-    assert scatter_mean(values, index, 3, base).flatten().tolist() == [1.0, 6.5, 5.0]  # (0+1+2)/3, (10+3)/2, 5
-    assert scatter_mean(values, index, 3).flatten().tolist() == [1.5, 3.0, 0.0]  # empty group: zeros
+    assert scatter_mean(values, index, base).flatten().tolist() == [1.0, 6.5, 5.0]  # (0+1+2)/3, (10+3)/2, 5
 
 
 def test_scatter_mean_accumulates_bf16_in_float32():
     values = torch.full((300, 1), 1.0 + 2.0**-7, dtype=torch.bfloat16)
-    out = scatter_mean(values, torch.zeros(300, dtype=torch.long), 1)
+    base = torch.full((1, 1), 1.0 + 2.0**-7, dtype=torch.bfloat16)
+    out = scatter_mean(values, torch.zeros(300, dtype=torch.long), base)
     assert out.dtype == torch.bfloat16 and out.item() == 1.0 + 2.0**-7
 
 

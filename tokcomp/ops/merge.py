@@ -5,8 +5,8 @@ disjoint index vectors into it: ``kept_idx`` (K,), the tokens that survive, and 
 (M,), the tokens merged away. ``assignment`` (M,) holds, for each merged-away token, a *position
 in* ``kept_idx`` (0..K-1), not a sequence index, so the merge outputs line up with ``kept_idx``.
 
-The mean merge is a scatter-add followed by a division by counts (``scatter_mean``), the shape a
-fused GPU kernel takes; ``scatter_mean`` is kept free of anything else so one can replace it.
+The mean merge is a scatter-add followed by a division by counts: ``tokcomp.ops.kernels.scatter_mean``,
+which has a Triton kernel for CUDA and a torch reference.
 Sums are accumulated in float32 whatever the input dtype (bf16 sums of hundreds of tokens lose
 digits), and results are returned in the input dtype.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tokcomp.ops.kernels import scatter_mean
 
 
 def merged_keep_count(n: int, merge_ratio: float) -> int:
@@ -42,25 +44,11 @@ def nearest_kept(hidden: Tensor, kept_idx: Tensor, other_idx: Tensor) -> Tensor:
     return (other @ kept.T).argmax(dim=-1)
 
 
-def scatter_mean(values: Tensor, index: Tensor, dim_size: int, base: Tensor | None = None) -> Tensor:
-    """Mean of the rows of ``values`` grouped by ``index``, optionally counting one ``base`` row per group.
-
-    values: (M, D); index: (M,) in 0..dim_size-1; base: (dim_size, D) or None. Returns (dim_size, D)
-    in ``values``' dtype with ``out[j] = (base[j] + sum_{index[i] == j} values[i]) / (count_j + 1)``
-    (without base: ``sum / count_j``, and zero rows for empty groups). Scatter-add, then divide.
-    """
-    out = torch.zeros(dim_size, values.shape[-1], dtype=torch.float32, device=values.device)
-    out.index_add_(0, index, values.float())
-    counts = torch.bincount(index, minlength=dim_size).to(torch.float32)
-    if base is not None:
-        out += base.float()
-        counts += 1
-    return (out / counts.clamp_min(1)[:, None]).to(values.dtype)
-
-
 def merge_mean(hidden: Tensor, kept_idx: Tensor, other_idx: Tensor, assignment: Tensor) -> Tensor:
-    """(K, D): each kept token replaced by the true mean of itself and every token assigned to it."""
-    return scatter_mean(hidden[other_idx], assignment, kept_idx.numel(), base=hidden[kept_idx])
+    """(K, D): each kept token replaced by the true mean of itself and every token assigned to it.
+
+    Runs through the dispatching ``scatter_mean`` (a Triton kernel on CUDA, torch elsewhere)."""
+    return scatter_mean(hidden[other_idx], assignment, hidden[kept_idx])
 
 
 def sequential_weights(assignment: Tensor, num_kept: int) -> tuple[Tensor, Tensor]:
