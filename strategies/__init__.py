@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokcomp.strategies.earlytom import EARLYTOM_STRATEGIES
 from tokcomp.strategies.fastv import FastV
 from tokcomp.strategies.frame_avg import FrameAvg
 from tokcomp.strategies.holitom import HOLITOM_STRATEGIES
@@ -10,7 +11,7 @@ from tokcomp.strategies.subsample import Random, TopK, Uniform
 
 from tokcomp.hookspecs import hookimpl
 
-BUILTIN = (Pooling, Uniform, Random, TopK, FastV, FrameAvg, *HOLITOM_STRATEGIES)
+BUILTIN = (Pooling, Uniform, Random, TopK, FastV, FrameAvg, *HOLITOM_STRATEGIES, *EARLYTOM_STRATEGIES)
 
 
 @hookimpl
