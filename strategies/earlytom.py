@@ -27,6 +27,8 @@ layer takes precedence, one below it cannot be honoured and is an error.
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,6 +125,7 @@ class DecoupledSelect(Strategy):
     alpha: float = 0.9
     M: int = 6
     seed: int | None = None
+    offload_static: bool = False  # paper Sec. 3.3: static-frame selection on a CPU thread, overlapped
 
     def __post_init__(self) -> None:
         check_ratio(self.name, "ratio", self.ratio)
@@ -154,13 +157,22 @@ class DecoupledSelect(Strategy):
         r_hat = rescaled_ratio(self.ratio, base, frames)
         dynamic = segment_ends(self._segments(state, grid), frames).to(grid.device)
         scores = self._scores(state, grid)
-        kept = []
-        for is_dynamic in (True, False):
+
+        def select(is_dynamic: bool, on_cpu: bool = False) -> Tensor:
             rows = torch.nonzero(dynamic == is_dynamic, as_tuple=False).flatten()
-            if rows.numel():
-                picked = self._pick(None if scores is None else scores[rows], rows.numel(), tokens, is_dynamic,
-                                    r_hat, state.grid)
-                kept.append(torch.gather(grid[rows], 1, picked.to(grid.device)).flatten())
+            if not rows.numel():
+                return rows
+            part = None if scores is None else scores[rows]
+            if on_cpu and part is not None:
+                part = part.to("cpu", non_blocking=True)
+            picked = self._pick(part, rows.numel(), tokens, is_dynamic, r_hat, state.grid)
+            return torch.gather(grid[rows], 1, picked.to(grid.device)).flatten()
+
+        if self.offload_static and scores is not None:  # static frames on a CPU thread, overlapped
+            static = _offload_pool().submit(select, False, True)
+            kept = [select(True), static.result()]
+        else:
+            kept = [select(True), select(False)]
         newline = torch.nonzero(state.is_newline, as_tuple=False).flatten()
         state.keep(torch.cat([torch.sort(torch.cat(kept)).values, newline]))
 
@@ -208,6 +220,12 @@ class DecoupledSelect(Strategy):
             raise ConfigError(f"strategy {self.name!r}: score_layer={self.score_layer} is below earlytom.frame_merge's "
                               f"last merge layer {stage1}, whose merged attention the adapter passes on instead")
         return state.scores[grid]
+
+
+@functools.cache
+def _offload_pool() -> ThreadPoolExecutor:
+    """One worker thread for the static-frame selection (created on first use, shared by runs)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="earlytom-static")
 
 
 EARLYTOM_STRATEGIES = (FrameMerge, DecoupledSelect)

@@ -474,3 +474,13 @@ def test_ablation_experiment_isolates_each_stage(tmp_path):
     assert list(names)[0] == "neither" and names["neither"] == []
     assert names["stage1_only"] == ["earlytom.frame_merge"] and names["stage2_only"] == ["earlytom.decoupled_select"]
     assert {built[c][-1].sampling for c in ("both", "sampling_random", "sampling_topk")} == {"decoupled", "random", "topk"}
+
+
+@pytest.mark.parametrize("window", ["raster", "square"])
+def test_cpu_offload_of_static_frames_selects_the_same_tokens(tiny, pixels, window):
+    stage1 = dict(layers=(1, 2), tau_seg=0.5)
+    plain = run_with(tiny, pixels, [FrameMerge(**stage1), DecoupledSelect(ratio=0.25, window=window)], max_new_tokens=2)
+    offload = run_with(tiny, pixels, [FrameMerge(**stage1), DecoupledSelect(ratio=0.25, window=window,
+                                                                            offload_static=True)], max_new_tokens=2)
+    assert offload.ledger.to_dict() == plain.ledger.to_dict()
+    assert torch.equal(offload.prefill_logits, plain.prefill_logits)
