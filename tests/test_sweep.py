@@ -97,3 +97,10 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, tracking_uri):
     assert by_status == ["FINISHED"] * 6 + ["KILLED"]  # the interrupted run is kept, marked KILLED
     late = [r for r in result.configurations if r.name == "late"]
     assert all("fidelity.kl" in r.metrics for r in late)  # compared with a baseline loaded from MLflow
+
+
+def test_sweep_runs_without_tracking(tmp_path, tracking_uri):
+    path = write_experiment(tmp_path, tracking_uri, "sweep-untracked")
+    grid = ["configurations.pooled.strategies.0.params.ratio=0.25,0.5", "tracking.enabled=false"]
+    result = SweepRunner(str(path), grid).run(log=lambda _: None, progress=False)
+    assert result.tracking_uri is None and [r.status for r in result.configurations] == ["FINISHED"] * 6

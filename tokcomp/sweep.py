@@ -31,7 +31,7 @@ from tokcomp.runner import (
     format_table,
     open_tracker,
 )
-from tokcomp.tracking import machine_tags
+from tokcomp.tracking import Tracker, machine_tags
 
 
 def split_top_level(raw: str) -> list[str]:
@@ -101,7 +101,7 @@ class SweepRunner:
         self.key = sweep_key(OmegaConf.to_yaml(self.base), self.points)
 
     def _find_parent(self, tracker) -> str | None:
-        if not hasattr(tracker, "client"):
+        if not isinstance(tracker, Tracker):  # tracking disabled: nothing to resume from
             return None
         runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`tokcomp.sweep_key` = '{self.key}'",
                                           order_by=["attributes.start_time DESC"], max_results=1)
@@ -137,7 +137,7 @@ class SweepRunner:
             tracker.log_params(parent, flatten(OmegaConf.to_container(self.base, resolve=True)))
             tracker.log_json(parent, {"fixed": self.fixed, "points": self.points}, "sweep.json")
         else:
-            tracker.client.update_run(parent, status="RUNNING")
+            tracker.client.update_run(parent, status="RUNNING")  # resumed
             log(f"resuming sweep {parent} (finished configurations are skipped)")
         adapters = AdapterCache()
         total = sum(len(ExperimentRunner(load_experiment(self.experiment_file, [*self.fixed, *p])).strategies)
@@ -146,7 +146,7 @@ class SweepRunner:
         results: list[ConfigurationResult] = []
         try:
             for point, label in zip(self.points, short_labels(self.points), strict=True):
-                finished = self._finished_children(tracker, parent) if hasattr(tracker, "client") else {}
+                finished = self._finished_children(tracker, parent) if isinstance(tracker, Tracker) else {}
                 results.extend(self._run_point(tracker, parent, point, label, finished, adapters, bar, log))
             failed = [r.label for r in results if r.status == "FAILED"]
             tracker.set_tags(parent, {"tokcomp.failed_configurations": ",".join(failed) or "none",
