@@ -12,15 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tokcomp.strategies._inner import LastTokenAttentionStrategy
 
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.selection import ceil_ratio, topk_indices
 from tokcomp.state import LLMState
-from tokcomp.strategy import ModelInfo, Strategy, check_layer, check_ratio
+from tokcomp.strategy import ModelInfo, check_ratio
 
 
 @dataclass
-class FastV(Strategy):
+class FastV(LastTokenAttentionStrategy):
     name = "fastv"
     summary = "drop visual tokens at LLM layer K by layer K-1's last-token attention"
     layer: int = 2
@@ -29,22 +30,12 @@ class FastV(Strategy):
     def __post_init__(self) -> None:
         check_ratio(self.name, "ratio", self.ratio)
 
-    def check(self, info: ModelInfo) -> None:
-        check_layer(self.name, "layer", self.layer, info.llm_layers, "LLM", minimum=1)
-
-    def llm_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer}
-
-    def attention_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer - 1}
-
     def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
         return ceil_ratio(visual, self.ratio)
 
     @hookimpl
     def tokcomp_inner_llm(self, state: LLMState) -> None:
-        visual = state.visual_indices()
-        scores = state.last_token_attention[self.layer - 1][visual]
+        visual, scores = self.visual_scores(state)
         kept_visual = visual[topk_indices(scores, ceil_ratio(visual.numel(), self.ratio)).to(visual.device)]
         text = torch.nonzero(~state.visual_mask, as_tuple=False).flatten()
         state.keep(torch.cat([text, kept_visual]))

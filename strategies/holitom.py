@@ -32,19 +32,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tokcomp.strategies._inner import LastTokenAttentionStrategy
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.merge import merge_mean, merge_sequential, merged_keep_count, nearest_kept
 from tokcomp.ops.selection import topk_indices
 from tokcomp.state import LLMState
-from tokcomp.strategy import ModelInfo, Strategy, check_layer
+from tokcomp.strategy import ModelInfo
 
 MERGES = {"mean": merge_mean, "sequential": merge_sequential}
 
 
 @dataclass
-class InnerMerge(Strategy):
+class InnerMerge(LastTokenAttentionStrategy):
     name = "holitom.inner_merge"
     summary = "merge visual tokens at LLM layer K into the top ones by layer K-1's last-token attention"
     layer: int = 18
@@ -60,24 +61,14 @@ class InnerMerge(Strategy):
         if self.mode not in MERGES:
             raise ConfigError(f"strategy {self.name!r}: mode={self.mode!r} is not one of {sorted(MERGES)}")
 
-    def check(self, info: ModelInfo) -> None:
-        check_layer(self.name, "layer", self.layer, info.llm_layers, "LLM", minimum=1)
-
-    def llm_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer}
-
-    def attention_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer - 1}
-
     def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
         return merged_keep_count(visual, self.ratio)
 
     @hookimpl
     def tokcomp_inner_llm(self, state: LLMState) -> None:
-        visual = state.visual_indices()
+        visual, scores = self.visual_scores(state)
         if visual.numel() == 0:
             return
-        scores = state.last_token_attention[self.layer - 1][visual]
         chosen = topk_indices(scores, merged_keep_count(visual.numel(), self.ratio)).to(visual.device)
         is_kept = torch.zeros(visual.numel(), dtype=torch.bool, device=visual.device)
         is_kept[chosen] = True
