@@ -54,3 +54,46 @@ def run_with(adapter, pixels, strategies, max_new_tokens=6, **kw):
         return adapter.run(pixels, PROMPT, stack, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kw)
     finally:
         stack.close()
+
+
+class ManualPrefill:
+    """A hand-written prefill of the uncompressed prompt, for reference checks of inner-LLM strategies:
+    ``run_to(k)`` runs decoder layers 0..k-1 on every token; ``finish(keep, k)`` runs the rest on the
+    kept sequence entries at their original positions and returns the last position's logits."""
+
+    def __init__(self, adapter, pixels):
+        from tokcomp.ledger import TokenLedger
+        from tokcomp.stack import CompressionStack
+
+        self.adapter, self.lm = adapter, adapter.language_model
+        tokens = adapter.encode(pixels, CompressionStack([], adapter.info), TokenLedger())
+        ids, self.start = adapter.prompt_ids(PROMPT, tokens.num_tokens)
+        self.num_visual, self.length = tokens.num_tokens, ids.shape[1]
+        self.hidden = self.lm.embed_tokens(ids)
+        self.hidden[0, self.start : self.start + self.num_visual] = tokens.features
+        self.pos = torch.arange(self.length)[None]
+        self.cos, self.sin = self.lm.rotary_emb(self.hidden, self.pos)
+
+    @property
+    def visual(self) -> list[int]:
+        return list(range(self.start, self.start + self.num_visual))
+
+    def text_around(self, kept_visual: list[int]) -> torch.Tensor:
+        """Sorted sequence indices: all text entries plus the given visual ones."""
+        after = range(self.start + self.num_visual, self.length)
+        return torch.tensor(sorted([*range(self.start), *kept_visual, *after]))
+
+    def run_to(self, k: int) -> torch.Tensor:
+        """Runs layers < k; returns the last-token attention row of layer k-1 (the strategies' score)."""
+        h = self.hidden
+        for layer in self.lm.layers[:k]:
+            h_in = h
+            h = layer(h, attention_mask=None, position_embeddings=(self.cos, self.sin), position_ids=self.pos)
+        self.hidden = h
+        return self.adapter._last_token_attention(self.lm.layers[k - 1], h_in, (self.cos, self.sin))
+
+    def finish(self, keep: torch.Tensor, k: int) -> torch.Tensor:
+        h, cos, sin, pos = self.hidden[:, keep], self.cos[:, keep], self.sin[:, keep], self.pos[:, keep]
+        for layer in self.lm.layers[k:]:
+            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
+        return self.adapter.model.lm_head(self.lm.norm(h))[0, -1]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tokcomp.strategies.holitom import HOLITOM_STRATEGIES, InnerMerge
 
-from tests.conftest import PROMPT, run_with
+from tests.conftest import run_with
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.kernels import scatter_mean
@@ -235,24 +235,14 @@ def test_text_is_untouched_and_kept_visual_tokens_change(tiny, pixels, mode):
 @pytest.mark.parametrize("mode", ["mean", "sequential"])
 def test_prefill_matches_a_manual_forward_over_the_merged_tokens(tiny, pixels, mode):
     """Layers >= K see the kept tokens, merged by hand, at their original positions."""
-    from tokcomp.ledger import TokenLedger
-    from tokcomp.stack import CompressionStack
+    from tests.conftest import ManualPrefill
 
     ratio = 0.5
     out = run_with(tiny, pixels, [InnerMerge(layer=K, ratio=ratio, mode=mode)], max_new_tokens=1)
     with torch.no_grad():
-        tokens = tiny.encode(pixels, CompressionStack([], tiny.info), TokenLedger())
-        ids, start = tiny.prompt_ids(PROMPT, tokens.num_tokens)
-        lm = tiny.language_model
-        h = lm.embed_tokens(ids)
-        h[0, start : start + tokens.num_tokens] = tokens.features
-        pos = torch.arange(ids.shape[1])[None]
-        cos, sin = lm.rotary_emb(h, pos)
-        for layer in lm.layers[:K]:
-            h_in = h
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
-        scores = tiny._last_token_attention(lm.layers[K - 1], h_in, (cos, sin))
-        visual = list(range(start, start + tokens.num_tokens))
+        ref = ManualPrefill(tiny, pixels)
+        scores = ref.run_to(K)
+        h, visual = ref.hidden, ref.visual
         n_keep = round(len(visual) * (1 - ratio))
         kept = sorted(visual[i] for i in torch.topk(scores[visual], n_keep).indices.tolist())
         merged = {k: [h[0, k]] for k in kept}
@@ -269,11 +259,8 @@ def test_prefill_matches_a_manual_forward_over_the_merged_tokens(tiny, pixels, m
                 for src in group[1:]:
                     value = (value + src) / 2
                 h[0, k] = value
-        keep = torch.tensor(list(range(start)) + kept + list(range(start + tokens.num_tokens, ids.shape[1])))
-        h, cos, sin, pos = h[:, keep], cos[:, keep], sin[:, keep], pos[:, keep]
-        for layer in lm.layers[K:]:
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
-        logits = tiny.model.lm_head(lm.norm(h))[0, -1]
+        ref.hidden = h
+        logits = ref.finish(ref.text_around(kept), K)
     assert any(len(g) > 2 for g in merged.values())  # the modes really differ on this input
     torch.testing.assert_close(out.prefill_logits, logits, atol=1e-5, rtol=1e-4)
 

@@ -98,31 +98,16 @@ def test_fastv_shortens_the_sequence_from_layer_k_on(plugins, tiny, pixels):
 
 def test_fastv_matches_a_manual_forward_over_the_kept_tokens(plugins, tiny, pixels):
     """Layers >= K see only kept tokens at their original positions; text is untouched."""
-    from tokcomp.ledger import TokenLedger
-    from tokcomp.stack import CompressionStack
+    from tests.conftest import ManualPrefill
 
     k, ratio = 2, 0.5
     out = run_with(tiny, pixels, [make(plugins, "fastv", layer=k, ratio=ratio)], max_new_tokens=1)
     with torch.no_grad():
-        tokens = tiny.encode(pixels, CompressionStack([], tiny.info), TokenLedger())
-        ids, start = tiny.prompt_ids("What happens in the video?", tokens.num_tokens)
-        lm = tiny.language_model
-        h = lm.embed_tokens(ids)
-        h[0, start : start + tokens.num_tokens] = tokens.features
-        pos = torch.arange(ids.shape[1])[None]
-        cos, sin = lm.rotary_emb(h, pos)
-        for layer in lm.layers[:k]:
-            h_in = h
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
-        scores = tiny._last_token_attention(lm.layers[k - 1], h_in, (cos, sin))
-        visual = torch.arange(start, start + tokens.num_tokens)
-        n_keep = math.ceil(visual.numel() * ratio)
-        kept_visual = visual[torch.topk(scores[visual], n_keep).indices]
-        keep = torch.sort(torch.cat([torch.arange(start), kept_visual, torch.arange(start + tokens.num_tokens, ids.shape[1])])).values
-        h, cos, sin, pos = h[:, keep], cos[:, keep], sin[:, keep], pos[:, keep]
-        for layer in lm.layers[k:]:
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
-        logits = tiny.model.lm_head(lm.norm(h))[0, -1]
+        ref = ManualPrefill(tiny, pixels)
+        scores = ref.run_to(k)
+        visual = torch.tensor(ref.visual)
+        kept_visual = visual[torch.topk(scores[visual], math.ceil(visual.numel() * ratio)).indices]
+        logits = ref.finish(ref.text_around(kept_visual.tolist()), k)
     torch.testing.assert_close(out.prefill_logits, logits, atol=1e-5, rtol=1e-4)
 
 
