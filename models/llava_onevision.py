@@ -10,35 +10,52 @@ the decoder layers, removed afterwards) and greedy decoding with the KV cache.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokcomp.models.decoder_hooks import DecoderCache, attach_decoder_hooks
 from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
 from transformers import (
     AutoTokenizer,
-    DynamicCache,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
 )
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
 
 from tokcomp.errors import ConfigError
-from tokcomp.ledger import TokenLedger, VisionLayerEntry
-from tokcomp.ops.attention import last_query_attention, received_attention
+from tokcomp.ledger import TokenLedger, VisionLayerEntry, vision_stat_record
+from tokcomp.ops.attention import (
+    head_mean,
+    last_query_attention,
+    mean_query_saliency,
+    received_attention,
+    text_query_attention,
+)
 from tokcomp.ops.pooling import bilinear_halve
 from tokcomp.stack import CompressionStack
-from tokcomp.state import EncoderState, LLMState, StrategyContractError, VisualTokens
+from tokcomp.state import EncoderState, StrategyContractError, VisualTokens
 from tokcomp.strategy import ModelInfo
 from tokcomp.timing import StageClock
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SYSTEM_PROMPT = "You are a helpful assistant."
+_POOLED_STATS = "tokcomp.vision_statistics"  # meta key: statistics handed from the encoder to the pooling
+
+
+def _log_sizes(sizes: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
+    """Proportional attention: log token sizes, (frames, tokens) float32, or with ``dtype`` an additive
+    attention mask (frames, 1, 1, tokens) on the key axis. None without sizes."""
+    if sizes is None:
+        return None
+    bias = torch.log(sizes.float())
+    return bias if dtype is None else bias[:, None, None, :].to(dtype)
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -269,45 +286,22 @@ class LlavaOnevisionAdapter:
 
     def encode(self, pixels: Tensor, stack: CompressionStack, ledger: TokenLedger) -> VisualTokens:
         """Vision encoder with the intra-encoder hook, projector, pooling, newline, pre-LLM hook."""
-        vision = self._vision()
-        layers = vision.encoder.layers
-        hidden = vision.embeddings(pixels)
-        side = self.info.vision_grid[0]
-        state = EncoderState(layer=-1, num_layers=len(layers), hidden=hidden, grid=(side, side),
-                             frame_sources=[[i] for i in range(pixels.shape[0])])
-        ledger.input_frames = pixels.shape[0]
-        score_layer = max(stack.encoder_attention_layers, default=None)
-        scores = None
-        for i, layer in enumerate(layers):
-            ledger.vision_layers.append(VisionLayerEntry(state.hidden.shape[0], state.hidden.shape[1]))
-            attention = None
-            if i in stack.encoder_attention_layers:
-                with stack.clock.stage("token_processing"):
-                    attention = self._received_attention(layer, state.hidden)
-                ledger.attention_stats.append({"where": "vision", "layer": i, "frames": state.hidden.shape[0],
-                                               "tokens": state.hidden.shape[1]})
-            state.hidden = layer(state.hidden, None)
-            state.layer, state.attention = i, attention
-            if i in stack.encoder_layers:
-                stack.intra_encoder(state)
-            if i == score_layer:
-                scores = state.attention
-            elif scores is not None and scores.shape[0] != state.hidden.shape[0]:
-                raise StrategyContractError(
-                    f"frames changed after vision layer {score_layer}, whose attention scores a strategy needs"
-                )
+        state = self._encoder(pixels, stack, ledger)
         features = state.hidden
         ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = features.shape[0], features.shape[1]
-        if state.grid == (0, 0) or state.grid[0] * state.grid[1] != features.shape[1]:
-            raise StrategyContractError("pooling needs each frame's full token grid; an intra-encoder strategy changed it")
         features = self.model.model.multi_modal_projector(features)
-        frames, (h, w) = features.shape[0], state.grid
-        pooled = bilinear_halve(features.view(frames, h, w, -1))
+        frames, n_tok = features.shape[:2]
+        stats = state.meta.pop(_POOLED_STATS, {})
+        if state.grid != (0, 0) and state.grid[0] * state.grid[1] == n_tok:
+            (h, w) = state.grid
+            pooled = bilinear_halve(features.view(frames, h, w, -1))
+            stats = {name: bilinear_halve(v.view(frames, h, w, -1).float()) for name, v in stats.items()}
+        else:  # no grid left (tokens merged inside the encoder): no 2x2 pooling, one row of tokens
+            pooled = features.view(frames, 1, n_tok, -1)
+            stats = {name: v.view(frames, 1, n_tok, -1).float() for name, v in stats.items()}
         ph, pw = pooled.shape[1:3]
         ledger.pooled_tokens_per_frame = ph * pw
-        if scores is not None:
-            scores = bilinear_halve(scores.view(frames, h, w, 1).float()).reshape(-1)
-            scores = torch.cat([scores, scores.new_zeros(1)])
+        stats = {name: torch.cat([v.reshape(frames * ph * pw, -1), v.new_zeros(1, v.shape[-1])]) for name, v in stats.items()}
         newline = self.model.model.image_newline[None, :].to(pooled.dtype)
         feats = torch.cat([pooled.reshape(frames * ph * pw, -1), newline])
         n = feats.shape[0]
@@ -315,11 +309,13 @@ class LlavaOnevisionAdapter:
         frame = torch.arange(frames, device=dev).repeat_interleave(ph * pw)
         cells = torch.arange(ph * pw, device=dev).repeat(frames)
         minus1 = torch.tensor([-1], device=dev)
+        scores, saliency = stats.get("attention"), stats.get("saliency")
         tokens = VisualTokens(
             features=feats, frame=torch.cat([frame, minus1]), row=torch.cat([cells // pw, minus1]),
             col=torch.cat([cells % pw, minus1]), is_newline=torch.arange(n, device=dev) == n - 1,
-            source=torch.arange(n, device=dev), frame_sources=state.frame_sources, grid=(ph, pw), scores=scores,
-            meta=state.meta,
+            source=torch.arange(n, device=dev), frame_sources=state.frame_sources, grid=(ph, pw),
+            scores=None if scores is None else scores[:, 0], meta=state.meta, keys=stats.get("keys"),
+            saliency=None if saliency is None else saliency[:, 0],
         )
         ledger.visual_tokens_before_pre_llm = n
         if stack.has_pre_llm:
@@ -327,25 +323,130 @@ class LlavaOnevisionAdapter:
         ledger.visual_tokens_after_pre_llm = tokens.num_tokens
         return tokens
 
-    def _received_attention(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+    def _encoder(self, pixels: Tensor, stack: CompressionStack, ledger: TokenLedger) -> EncoderState:
+        """SigLIP layer by layer, frames as the batch, calling the intra-encoder hook where asked.
+
+        The statistics strategies asked for (received attention, keys, saliency) are computed from
+        each layer's input; those of the highest requested layer, as the hooks left them, go to the
+        pre-LLM stage in ``state.meta[_POOLED_STATS]``.
+        """
+        vision = self._vision()
+        layers = vision.encoder.layers
+        side = self.info.vision_grid[0]
+        state = EncoderState(layer=-1, num_layers=len(layers), hidden=vision.embeddings(pixels), grid=(side, side),
+                             frame_sources=[[i] for i in range(pixels.shape[0])], position="input")
+        ledger.input_frames = pixels.shape[0]
+        ledger.embedded_tokens = state.hidden.shape[0] * state.hidden.shape[1]
+        if -1 in stack.encoder_layers:
+            stack.intra_encoder(state)
+        wanted = {"attention": stack.encoder_attention_layers, "keys": stack.encoder_key_layers,
+                  "saliency": stack.encoder_saliency_layers}
+        last_wanted = {name: max(layers_, default=None) for name, layers_ in wanted.items()}
+        kept: dict[str, Tensor] = {}
+        for i, layer in enumerate(layers):
+            entry = VisionLayerEntry(state.hidden.shape[0], state.hidden.shape[1])
+            ledger.vision_layers.append(entry)
+            stats = self._vision_statistics(layer, state, {name for name, ls in wanted.items() if i in ls}, ledger, i, stack)
+            if i in stack.encoder_mid_layers:
+                state.hidden = self._attention_block(layer, state.hidden, _log_sizes(state.sizes, state.hidden.dtype))
+                state.layer, state.position = i, "attention"
+                state.attention, state.keys, state.saliency = stats.get("attention"), stats.get("keys"), stats.get("saliency")
+                stack.intra_encoder(state)
+                entry.mlp_tokens_per_frame = state.hidden.shape[1]
+                if state.hidden.shape[0] != entry.frames:
+                    raise StrategyContractError(f"vision layer {i}: frames cannot change between attention and MLP")
+                state.hidden = self._mlp_block(layer, state.hidden)
+            else:
+                state.hidden = layer(state.hidden, _log_sizes(state.sizes, state.hidden.dtype))
+                state.attention, state.keys, state.saliency = stats.get("attention"), stats.get("keys"), stats.get("saliency")
+            state.layer, state.position = i, "layer"
+            if i in stack.encoder_layers:
+                stack.intra_encoder(state)
+            for name, at in last_wanted.items():
+                if i == at:
+                    value = getattr(state, name)
+                    if value is not None:
+                        kept[name] = value
+            for name, value in kept.items():
+                if value.shape[:2] != state.hidden.shape[:2]:
+                    raise StrategyContractError(
+                        f"frames or tokens changed after vision layer {last_wanted[name]}, whose {name} a strategy needs"
+                    )
+        state.meta[_POOLED_STATS] = kept
+        return state
+
+    def _vision_statistics(self, layer: torch.nn.Module, state: EncoderState, names: set[str], ledger: TokenLedger,
+                           index: int, stack: CompressionStack) -> dict[str, Tensor]:
+        """The requested statistics of one SigLIP layer from its input (q/k recomputed, never eager attention)."""
+        if not names:
+            return {}
+        frames, tokens = state.hidden.shape[:2]
+        with stack.clock.stage("token_processing"):
+            attn = layer.self_attn
+            q, k = self._vision_qk(layer, state.hidden, queries=bool(names & {"attention", "saliency"}))
+            bias = _log_sizes(state.sizes)
+            out = {}
+            if "attention" in names:
+                out["attention"] = received_attention(q, k, attn.scale, bias=bias)
+            if "keys" in names:
+                out["keys"] = head_mean(k)
+            if "saliency" in names:
+                out["saliency"] = mean_query_saliency(q, k, attn.scale, bias=bias)
+        ledger.attention_stats.append(vision_stat_record(names, index, frames, tokens))
+        return out
+
+    @staticmethod
+    def _vision_qk(layer: torch.nn.Module, hidden: Tensor, queries: bool = True) -> tuple[Tensor | None, Tensor]:
+        """Queries (when asked) and keys of one SigLIP layer for its input, (frames, heads, tokens, head_dim)."""
         attn = layer.self_attn
         x = layer.layer_norm1(hidden)
         shape = (*x.shape[:2], attn.num_heads, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
-        return received_attention(q, k, attn.scale)
+        return (attn.q_proj(x).view(shape).transpose(1, 2) if queries else None), k
 
-    def _last_token_attention(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings) -> Tensor:
+    def _received_attention(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+        """Mean received attention of one SigLIP layer for ``hidden`` (its input), as strategies get it."""
+        q, k = self._vision_qk(layer, hidden)
+        return received_attention(q, k, layer.self_attn.scale)
+
+    @staticmethod
+    def _attention_block(layer: torch.nn.Module, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        """The first half of a SigLIP encoder layer: pre-norm self-attention plus residual."""
+        out, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=mask)
+        return hidden + out
+
+    @staticmethod
+    def _mlp_block(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+        """The second half of a SigLIP encoder layer: pre-norm MLP plus residual."""
+        return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+    def _decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
+                    past_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Rotated queries of the entries ``query_idx`` (heads, Q, head_dim) and keys of every entry,
+        after ``past_keys`` (a layer's cache, already rotated) when given, KV heads repeated (heads, L, head_dim)."""
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         n_heads = self.config.text_config.num_attention_heads
-        q = attn.q_proj(x[:, -1:]).view(1, 1, n_heads, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), n_heads, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, query_idx], sin[:, query_idx])
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        k = repeat_kv(k, attn.num_key_value_groups)
-        return last_query_attention(q[0, :, 0], k[0], attn.scaling)
+        if past_keys is not None:
+            k = torch.cat([past_keys.to(k.dtype), k], dim=2)
+        return q[0], repeat_kv(k, attn.num_key_value_groups)[0]
+
+    def _last_token_attention(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings,
+                              past_keys: Tensor | None = None) -> Tensor:
+        """Head-averaged attention row of the last entry over every key (and the cache's, when given)."""
+        last = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
+        q, k = self._decoder_qk(layer, hidden, position_embeddings, last, past_keys)
+        return last_query_attention(q[:, 0], k, layer.self_attn.scaling)
+
+    def _text_attention(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor) -> Tensor:
+        """Attention from the entries ``query_idx`` (causal) to every entry, max over heads and queries."""
+        q, k = self._decoder_qk(layer, hidden, position_embeddings, query_idx)
+        return text_query_attention(q, k, query_idx, layer.self_attn.scaling)
 
     @torch.no_grad()
     def run(self, pixels: Tensor, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
@@ -355,24 +456,35 @@ class LlavaOnevisionAdapter:
         ledger = TokenLedger()
         clock = StageClock(self.device)
         stack.start(seed, clock)
-        with clock.stage("ttft"):
-            with clock.stage("vision"):
-                tokens = self.encode(pixels, stack, ledger)
-            ids, start = self.prompt_ids(prompt, tokens.num_tokens)
-            embeds = self.language_model.embed_tokens(ids)
-            embeds[0, start : start + tokens.num_tokens] = tokens.features.to(embeds.dtype)
-            ledger.text_tokens = ids.shape[1] - tokens.num_tokens
-            ledger.newline_tokens = int(tokens.is_newline.sum())
-            visual_mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=self.device)
-            visual_mask[start : start + tokens.num_tokens] = True
-            with self._inner_llm_hooks(stack, visual_mask, ledger) as hooks:
+        hooks = None
+        try:
+            with clock.stage("ttft"):
+                with clock.stage("vision"):
+                    tokens = self.encode(pixels, stack, ledger)
+                ids, start = self.prompt_ids(prompt, tokens.num_tokens)
+                embeds = self.language_model.embed_tokens(ids)
+                embeds[0, start : start + tokens.num_tokens] = tokens.features.to(embeds.dtype)
+                ledger.text_tokens = ids.shape[1] - tokens.num_tokens
+                ledger.newline_tokens = int(tokens.is_newline.sum())
+                positions = self._positions(ids.shape[1], start, tokens, ledger.visual_tokens_before_pre_llm)
+                visual_mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=self.device)
+                visual_mask[start : start + tokens.num_tokens] = True
+                visual_group = torch.full((ids.shape[1],), -1, dtype=torch.long, device=self.device)
+                if tokens.group is not None:
+                    visual_group[start : start + tokens.num_tokens] = tokens.group.to(self.device)
+                cache = DecoderCache(config=self.language_model.config)
+                hooks = attach_decoder_hooks(self, stack, cache, visual_mask, visual_group, ledger)
                 with clock.stage("prefill"):
-                    cache, logits = self._prefill(embeds)
+                    logits = self._prefill(embeds, positions, cache)
+                    if hooks is not None:
+                        hooks.end_prefill()
                     limit = len(forced_ids) if forced_ids is not None else max_new_tokens
                     first = self._choose(logits, 0, min_new_tokens)
-        with self._inner_llm_hooks(stack, visual_mask, ledger, hooks) as hooks:
             with clock.stage("decode"):
-                new_ids = self._decode(cache, logits, first, embeds.shape[1], limit, min_new_tokens, forced_ids)
+                new_ids = self._decode(cache, first, int(positions[0, -1]) + 1, limit, min_new_tokens, forced_ids)
+        finally:
+            if hooks is not None:
+                hooks.remove()
         if not ledger.llm_layers:
             ledger.llm_layers = [ids.shape[1]] * self.info.llm_layers
         ledger.new_tokens = len(new_ids)
@@ -388,11 +500,17 @@ class LlavaOnevisionAdapter:
         timings["total_ms"] = timings["ttft_ms"] + timings["decode_ms"]
         return RunOutput(new_ids, self.decode_text(new_ids), logits[0].detach().float().cpu().clone(), ledger, timings)
 
-    def _prefill(self, embeds: Tensor):
-        cache = DynamicCache(config=self.language_model.config)
-        out = self.language_model(inputs_embeds=embeds, position_ids=torch.arange(embeds.shape[1], device=self.device)[None],
-                                  past_key_values=cache, use_cache=True)
-        return cache, self.model.lm_head(out.last_hidden_state[:, -1])
+    def _positions(self, length: int, start: int, tokens: VisualTokens, uncompressed: int) -> Tensor:
+        """Position ids of the prompt: contiguous, or with the video's original positions (gaps kept)."""
+        if not tokens.original_positions:
+            return torch.arange(length, device=self.device)[None]
+        after = length - start - tokens.num_tokens
+        return torch.cat([torch.arange(start, device=self.device), start + tokens.position_offsets().to(self.device),
+                          start + uncompressed + torch.arange(after, device=self.device)])[None]
+
+    def _prefill(self, embeds: Tensor, positions: Tensor, cache) -> Tensor:
+        out = self.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1])
 
     def _choose(self, logits: Tensor, step: int, min_new_tokens: int) -> int:
         """Greedy choice; EOS is suppressed before ``min_new_tokens`` (as transformers' processor does)."""
@@ -402,7 +520,7 @@ class LlavaOnevisionAdapter:
             logits[:, sorted(eos)] = float("-inf")
         return int(logits.argmax(-1))
 
-    def _decode(self, cache, logits: Tensor, first: int, length: int, limit: int, min_new_tokens: int,
+    def _decode(self, cache, first: int, next_position: int, limit: int, min_new_tokens: int,
                 forced_ids: list[int] | None) -> list[int]:
         lm, eos, new_ids = self.language_model, self.eos_ids(), [first]
         for step in range(1, limit):
@@ -410,94 +528,8 @@ class LlavaOnevisionAdapter:
             if forced_ids is None and fed in eos:
                 break
             out = lm(inputs_embeds=lm.embed_tokens(torch.tensor([[fed]], device=self.device)),
-                     position_ids=torch.tensor([[length + step - 1]], device=self.device),
+                     position_ids=torch.tensor([[next_position + step - 1]], device=self.device),
                      past_key_values=cache, use_cache=True)
             new_ids.append(self._choose(self.model.lm_head(out.last_hidden_state[:, -1]), step, min_new_tokens))
         self._sync()
         return new_ids
-
-    @contextmanager
-    def _inner_llm_hooks(self, stack: CompressionStack, visual_mask: Tensor, ledger: TokenLedger,
-                         previous: _InnerLLMHooks | None = None):
-        """Decoder pre-hooks for one run; pass the prefill's hooks object again to decode after it."""
-        if not stack.llm_layers and not stack.attention_layers:
-            yield None
-            return
-        hooks = previous or _InnerLLMHooks(self, stack, visual_mask, ledger)
-        hooks.prefill = previous is None
-        handles = [layer.register_forward_pre_hook(hooks.hook_for(i), with_kwargs=True)
-                   for i, layer in enumerate(self.language_model.layers)]
-        try:
-            yield hooks
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class _InnerLLMHooks:
-    """Per-run state of the decoder pre-hooks: which original positions are still alive per layer."""
-
-    def __init__(self, adapter: LlavaOnevisionAdapter, stack: CompressionStack, visual_mask: Tensor,
-                 ledger: TokenLedger):
-        self.adapter, self.stack, self.ledger = adapter, stack, ledger
-        self.visual_mask = visual_mask
-        self.full_len = visual_mask.numel()
-        self.alive: Tensor | None = None  # indices into the full prefill sequence
-        self.alive_at: dict[int, Tensor] = {}
-        self.attention: dict[int, Tensor] = {}
-        self.prefill = True
-
-    def hook_for(self, index: int):
-        def hook(module, args, kwargs):
-            if self.prefill:
-                return self._prefill(index, module, args, kwargs)
-            return self._decode(index, args, kwargs)
-        return hook
-
-    @staticmethod
-    def _slice_kwargs(kwargs: dict, idx: Tensor) -> dict:
-        kwargs = dict(kwargs)
-        kwargs["position_ids"] = kwargs["position_ids"][:, idx]
-        cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (cos[:, idx], sin[:, idx])
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor):
-            kwargs["attention_mask"] = mask[..., idx, :][..., idx]
-        return kwargs
-
-    def _prefill(self, index: int, module, args, kwargs):
-        if not args:  # hidden states passed by keyword: move them to the front
-            args, kwargs = (kwargs["hidden_states"],), {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        hidden = args[0]
-        full_kwargs = kwargs
-        if self.alive is not None:
-            kwargs = self._slice_kwargs(full_kwargs, self.alive)
-        if index in self.stack.llm_layers:
-            alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=hidden.device)
-            state = LLMState(layer=index, num_layers=self.adapter.info.llm_layers, hidden=hidden,
-                             position_ids=kwargs["position_ids"], visual_mask=self.visual_mask[alive],
-                             last_token_attention=dict(self.attention))
-            self.stack.inner_llm(state)
-            hidden = state.hidden
-            self.attention = state.last_token_attention
-            if state.kept is not None:
-                self.alive = alive[state.kept]
-                kwargs = self._slice_kwargs(full_kwargs, self.alive)
-        if index in self.stack.attention_layers:
-            with self.stack.clock.stage("token_processing"):
-                self.attention[index] = self.adapter._last_token_attention(module, hidden, kwargs["position_embeddings"])
-            self.ledger.attention_stats.append({"where": "llm", "layer": index, "seq": hidden.shape[1]})
-        if self.alive is not None:
-            self.alive_at[index] = self.alive
-        self.ledger.llm_layers.append(hidden.shape[1])
-        return (hidden, *args[1:]), kwargs
-
-    def _decode(self, index: int, args: tuple, kwargs: dict):
-        alive = self.alive_at.get(index)
-        mask = kwargs.get("attention_mask")
-        if alive is None or not isinstance(mask, Tensor):
-            return None
-        tail = torch.arange(self.full_len, mask.shape[-1], device=mask.device)
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = mask[..., torch.cat([alive.to(mask.device), tail])]
-        return args, kwargs

@@ -168,7 +168,7 @@ def test_zero_ratio_merges_nothing():
 def test_defaults_are_the_official_ones():
     s = InnerMerge()
     assert (s.layer, s.ratio, s.mode) == (18, 0.5, "mean")
-    assert s.name == "holitom.inner_merge" and HOLITOM_STRATEGIES == (InnerMerge,)
+    assert s.name == "holitom.inner_merge" and InnerMerge in HOLITOM_STRATEGIES
     assert InnerMerge.hook_points() == ["inner_llm"]
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tokcomp.errors import ConfigError
-from tokcomp.ledger import TokenLedger
+from tokcomp.ledger import TokenLedger, VisionLayerEntry
 
 TERA = 1e12
 
@@ -107,25 +107,34 @@ def paper_video_tokens(ledger: TokenLedger) -> list[int]:
     return [max(0, n - other) for n in ledger.llm_layers]
 
 
+def eq8_vision_layer(entry: VisionLayerEntry, dims: ModelDims) -> int:
+    """Eq. 8 with the FFN term on the tokens the MLP saw (fewer when tokens merge mid-layer, as ToMe does)."""
+    d, m = dims.vision_hidden, dims.vision_intermediate
+    return eq8_layer(entry.tokens, d, m) - 2 * (entry.tokens - entry.mlp_tokens) * d * m
+
+
 def _paper(ledger: TokenLedger, dims: ModelDims) -> FlopsReport:
-    vision = sum(eq8_layer(e.frames * e.tokens_per_frame, dims.vision_hidden, dims.vision_intermediate)
-                 for e in ledger.vision_layers)
+    vision = sum(eq8_vision_layer(e, dims) for e in ledger.vision_layers)
     llm = sum(eq8_layer(n, dims.llm_hidden, dims.llm_intermediate) for n in paper_video_tokens(ledger))
     return FlopsReport("paper", vision / TERA, 0.0, llm / TERA, 0.0, (vision + llm) / TERA, None)
 
 
 # ---- exact protocol (multiply-adds of what the adapter runs; reported x2 as FLOPs) ----------------
-def vision_layer_macs(frames: int, tokens: int, dims: ModelDims) -> int:
-    """One SigLIP layer on ``frames`` images of ``tokens`` each: attention stays within a frame."""
+def vision_layer_macs(frames: int, tokens: int, dims: ModelDims, mlp_tokens: int | None = None) -> int:
+    """One SigLIP layer on ``frames`` images of ``tokens`` each: attention stays within a frame.
+
+    ``mlp_tokens``: tokens per frame the MLP sees, when tokens merge between attention and MLP."""
     d, m = dims.vision_hidden, dims.vision_intermediate
-    return frames * (4 * tokens * d**2 + 2 * tokens**2 * d + 2 * tokens * d * m)
+    mlp = tokens if mlp_tokens is None else mlp_tokens
+    return frames * (4 * tokens * d**2 + 2 * tokens**2 * d + 2 * mlp * d * m)
 
 
 def vision_macs(ledger: TokenLedger, dims: ModelDims) -> int:
     """Patch embedding (a strided conv, one matmul per patch) of the input frames plus every layer."""
     patch = dims.channels * dims.patch_size**2 * dims.vision_hidden
-    embed = ledger.vision_layers[0].tokens * patch if ledger.vision_layers else 0
-    return embed + sum(vision_layer_macs(e.frames, e.tokens_per_frame, dims) for e in ledger.vision_layers)
+    embedded = ledger.embedded_tokens or (ledger.vision_layers[0].tokens if ledger.vision_layers else 0)
+    return embedded * patch + sum(vision_layer_macs(e.frames, e.tokens_per_frame, dims, e.mlp_tokens_per_frame)
+                                  for e in ledger.vision_layers)
 
 
 def projector_macs(ledger: TokenLedger, dims: ModelDims) -> int:
@@ -152,23 +161,31 @@ def llm_prefill_macs(ledger: TokenLedger, dims: ModelDims) -> int:
 def decode_step_macs(ledger: TokenLedger, dims: ModelDims) -> int:
     """The first decode step: one token attending to layer j's cached ``llm_layers[j]`` keys plus itself."""
     h, a, kv, m = dims.llm_hidden, dims.llm_attention_width, dims.llm_kv_width, dims.llm_intermediate
-    per_layer = sum(2 * h * a + 2 * h * kv + 2 * (n + 1) * a + 3 * h * m for n in ledger.llm_layers)
+    cached = ledger.cache_lengths or ledger.llm_layers
+    per_layer = sum(2 * h * a + 2 * h * kv + 2 * (n + 1) * a + 3 * h * m for n in cached)
     return per_layer + h * dims.vocab_size
 
 
 def attention_stat_macs(stat: dict, dims: ModelDims) -> int:
     """Extra work of one attention statistic a strategy asked for (softmax and means not counted).
 
-    Vision: q and k projections of every token and the full per-frame QK^T. LLM: q of the last
-    token, k of every token (GQA width) and that one query row against all keys.
+    Vision: q and k projections of every token and the full per-frame QK^T; keys alone: the k
+    projection; saliency: q and k projections and one (mean) query row per frame. LLM: q of the
+    last token (or of the ``queries`` text tokens after the video), k of every token (GQA width)
+    and those query rows against all keys.
     """
-    if stat["where"] == "vision":
+    where = stat["where"]
+    if where.startswith("vision"):
         t, d = stat["tokens"], dims.vision_hidden
-        return stat["frames"] * (2 * t * d**2 + t**2 * d)
-    if stat["where"] == "llm":
-        seq, h, a = stat["seq"], dims.llm_hidden, dims.llm_attention_width
-        return h * a + seq * h * dims.llm_kv_width + seq * a
-    raise ConfigError(f"attention statistic with unknown where={stat['where']!r}; expected 'vision' or 'llm'")
+        per_frame = {"vision": 2 * t * d**2 + t**2 * d, "vision_keys": t * d**2,
+                     "vision_saliency": 2 * t * d**2 + t * d}.get(where)
+        if per_frame is not None:
+            return stat["frames"] * per_frame
+    if where in ("llm", "llm_text"):
+        seq, h, a, q = stat["seq"], dims.llm_hidden, dims.llm_attention_width, stat.get("queries", 1)
+        return q * h * a + seq * h * dims.llm_kv_width + q * seq * a
+    raise ConfigError(f"attention statistic with unknown where={where!r}; expected one of "
+                      "vision, vision_keys, vision_saliency, llm, llm_text")
 
 
 def _exact(ledger: TokenLedger, dims: ModelDims) -> FlopsReport:

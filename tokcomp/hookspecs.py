@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tokcomp.state import EncoderState, LLMState, VisualTokens
+    from tokcomp.state import DecodeState, EncoderState, LLMState, VisualTokens
 
 PROJECT = "tokcomp"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -49,6 +49,13 @@ def tokcomp_register_models(register: Any) -> None:
 @hookspec
 def tokcomp_intra_encoder(state: EncoderState) -> None:
     """Intra-encoder hook point: called after vision-encoder layer ``state.layer`` (0-based).
+
+    ``state.position`` says where exactly: ``"layer"`` after the whole layer, ``"input"`` at
+    layer -1 (after the patch and position embeddings, before layer 0; ``Strategy.encoder_layers``
+    containing -1), ``"attention"`` between the layer's attention and its MLP
+    (``Strategy.encoder_mid_layers``, ToMe). ``state.keys`` and ``state.saliency`` hold the layer's
+    head-averaged keys and per-frame mean-query attention when requested. Setting ``state.sizes``
+    (through ``replace``) turns on proportional attention (log size added to the logits) in later layers.
 
     Receives the hidden states of all frames, ``state.hidden`` of shape (frames, tokens, dim), the
     layer index, the token grid, and ``state.attention`` (mean attention each token receives in
@@ -84,4 +91,17 @@ def tokcomp_inner_llm(state: LLMState) -> None:
     drops visual tokens from this layer on: hidden states, position ids, RoPE tensors and masks
     are sliced together, kept tokens keep their original positions, and later layers keep a
     shorter KV cache so decoding continues. Never called on decode steps. Return value ignored.
+    """
+
+
+@hookspec
+def tokcomp_inner_llm_decode(state: DecodeState) -> None:
+    """Inner-LLM hook point, decode phase: called on every decode step before decoder layer ``state.layer``.
+
+    Only for strategies that say so (``Strategy.decode_layers``): the prefill-only inner-LLM hook
+    never touches decoding. Receives the newest token's head-averaged attention row in layer
+    ``state.layer - 1`` over that layer's KV cache (``state.attention``, with each entry's original
+    position and whether it is visual). ``state.select(positions)`` makes layers >= ``state.layer``
+    read only those cache entries for this step (a gather; the cache keeps everything). Non-visual
+    entries can never be dropped. Return value ignored.
     """

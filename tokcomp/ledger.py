@@ -15,15 +15,22 @@ from typing import Any
 class VisionLayerEntry:
     frames: int
     tokens_per_frame: int
+    mlp_tokens_per_frame: int | None = None  # set when tokens merge between attention and MLP (ToMe)
 
     @property
     def tokens(self) -> int:
         return self.frames * self.tokens_per_frame
 
+    @property
+    def mlp_tokens(self) -> int:
+        per_frame = self.tokens_per_frame if self.mlp_tokens_per_frame is None else self.mlp_tokens_per_frame
+        return self.frames * per_frame
+
 
 @dataclass
 class TokenLedger:
     input_frames: int = 0
+    embedded_tokens: int = 0  # patches embedded (all input frames); more than layer 0 sees if input is reduced
     vision_layers: list[VisionLayerEntry] = field(default_factory=list)
     vision_out_frames: int = 0
     vision_out_tokens_per_frame: int = 0
@@ -33,6 +40,7 @@ class TokenLedger:
     text_tokens: int = 0
     newline_tokens: int = 1  # of the visual tokens spliced in, how many are newline tokens (LLaVA-OV: one)
     llm_layers: list[int] = field(default_factory=list)
+    cache_lengths: list[int] = field(default_factory=list)  # KV entries per layer after prefill, when cut (else llm_layers)
     new_tokens: int = 0
     # Attention statistics computed for strategies (extra work outside the model's own forward):
     # {"where": "vision", "layer": i, "frames": F, "tokens": T} (mean received attention, all queries)
@@ -63,3 +71,12 @@ class TokenLedger:
         data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         data["vision_layers"] = [VisionLayerEntry(**e) for e in data.get("vision_layers", [])]
         return cls(**data)
+
+
+def vision_stat_record(names: set[str], layer: int, frames: int, tokens: int) -> dict | None:
+    """The ledger entry of the statistics computed at one vision layer (received attention needs q
+    and k, so it covers the keys and saliency asked for beside it; saliency covers keys)."""
+    for name, where in (("attention", "vision"), ("saliency", "vision_saliency"), ("keys", "vision_keys")):
+        if name in names:
+            return {"where": where, "layer": layer, "frames": frames, "tokens": tokens}
+    return None

@@ -8,11 +8,12 @@ layers, pre-LLM, decoder layers, attention statistics) on counts only. Data-depe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokcomp.errors import TokcompError
-from tokcomp.ledger import TokenLedger, VisionLayerEntry
+from tokcomp.ledger import TokenLedger, VisionLayerEntry, vision_stat_record
 from tokcomp.strategy import ModelInfo, Strategy
 
 
@@ -41,31 +42,66 @@ def _require(strategy: Strategy, method: str) -> None:
     if getattr(type(strategy), method) is getattr(Strategy, method):
         raise ScheduleUnknown(
             f"strategy {strategy.name!r} has a data-dependent token schedule; compute FLOPs from a finished "
-            "run's ledger (tokcomp flops --from-run RUN_ID)"
+            "run's ledger (tokcomp flops --from-run RUN_ID), or count its nominal budget (--nominal)"
         )
 
 
-def plan_ledger(info: ModelInfo, frames: int, text_tokens: int, strategies: Sequence[Strategy]) -> TokenLedger:
-    ledger = TokenLedger(input_frames=frames, text_tokens=text_tokens)
-    count, tokens = frames, info.vision_grid[0] * info.vision_grid[1]
+def _plan_pre_llm(strategy: Strategy, info: ModelInfo, planned: PlannedTokens, nominal: bool) -> None:
+    """The declared schedule, or with ``nominal`` the budget a data-dependent method targets."""
+    exact = type(strategy).plan_pre_llm is not Strategy.plan_pre_llm
+    if not exact and nominal and callable(getattr(strategy, "nominal_pre_llm", None)):
+        strategy.nominal_pre_llm(info, planned)
+        return
+    _require(strategy, "plan_pre_llm")
+    strategy.plan_pre_llm(info, planned)
+
+
+def _union(strategies: Sequence[Strategy], method: str, info: ModelInfo, wrap: int | None = None) -> set[int]:
+    out: set[int] = set()
+    for s in strategies:
+        out |= {i % wrap if wrap else i for i in getattr(s, method)(info)}
+    return out
+
+
+def plan_ledger(info: ModelInfo, frames: int, text_tokens: int, strategies: Sequence[Strategy],
+                nominal: bool = False) -> TokenLedger:
+    """The ledger a run would record; ``nominal``: data-dependent pre-LLM strategies count their budget."""
+    tokens = info.vision_grid[0] * info.vision_grid[1]
+    ledger = TokenLedger(input_frames=frames, text_tokens=text_tokens, embedded_tokens=frames * tokens)
+    count = frames
     encoder = _active(strategies, "intra_encoder")
-    stats_vision = set().union(*(s.encoder_attention_layers(info) for s in strategies)) if strategies else set()
+    last = info.vision_layers
+    stats = {name: _union(strategies, f"encoder_{name}_layers", info, last) for name in ("attention", "key", "saliency")}
+    if _union(strategies, "text_attention_layers", info):
+        raise ScheduleUnknown("a strategy scores tokens by the text after the video: its schedule needs a finished run")
+    for s in encoder:
+        if -1 in s.encoder_layers(info):
+            _require(s, "plan_intra_encoder")
+            count, tokens = s.plan_intra_encoder(info, -1, count, tokens)
     for layer in range(info.vision_layers):
-        ledger.vision_layers.append(VisionLayerEntry(count, tokens))
-        if layer in stats_vision:
-            ledger.attention_stats.append({"where": "vision", "layer": layer, "frames": count, "tokens": tokens})
+        entry = VisionLayerEntry(count, tokens)
+        ledger.vision_layers.append(entry)
+        names = {{"key": "keys"}.get(name, name) for name, layers in stats.items() if layer in layers}
+        record = vision_stat_record(names, layer, count, tokens)
+        if record is not None:
+            ledger.attention_stats.append(record)
+        for s in encoder:
+            if layer in s.encoder_mid_layers(info):
+                _require(s, "plan_intra_encoder")
+                count, tokens = s.plan_intra_encoder(info, layer, count, tokens)
+                entry.mlp_tokens_per_frame = tokens
         for s in encoder:
             if layer in s.encoder_layers(info):
                 _require(s, "plan_intra_encoder")
                 count, tokens = s.plan_intra_encoder(info, layer, count, tokens)
     ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = count, tokens
-    pooled = info.pooled_grid[0] * info.pooled_grid[1]
+    pooled_grid = info.pooled_grid if tokens == info.vision_grid[0] * info.vision_grid[1] else _pooled_grid(tokens)
+    pooled = pooled_grid[0] * pooled_grid[1]
     ledger.pooled_tokens_per_frame = pooled
-    planned = PlannedTokens([pooled] * count, 1, info.pooled_grid)
+    planned = PlannedTokens([pooled] * count, 1, pooled_grid)
     ledger.visual_tokens_before_pre_llm = planned.total
     for s in _active(strategies, "pre_llm"):
-        _require(s, "plan_pre_llm")
-        s.plan_pre_llm(info, planned)
+        _plan_pre_llm(s, info, planned, nominal)
     ledger.visual_tokens_after_pre_llm, ledger.newline_tokens = planned.total, planned.newline
     visual, seq = planned.total, text_tokens + planned.total
     inner = _active(strategies, "inner_llm")
@@ -80,6 +116,14 @@ def plan_ledger(info: ModelInfo, frames: int, text_tokens: int, strategies: Sequ
             ledger.attention_stats.append({"where": "llm", "layer": layer, "seq": seq})
         ledger.llm_layers.append(seq)
     return ledger
+
+
+def _pooled_grid(tokens: int) -> tuple[int, int]:
+    """The adapter's pooling of a changed token count: a square grid is halved, anything else left as one row."""
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        return (side + 1) // 2, (side + 1) // 2
+    return 1, tokens
 
 
 def schedule_ledger(info: ModelInfo, frames: int, text_tokens: int, *, visual_tokens: int | None = None,

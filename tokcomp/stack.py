@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tokcomp.plugins import new_plugin_manager
-from tokcomp.state import EncoderState, LLMState, VisualTokens
+from tokcomp.state import DecodeState, EncoderState, LLMState, VisualTokens
 from tokcomp.strategy import ModelInfo, Strategy
 from tokcomp.timing import StageClock
 
@@ -22,18 +22,30 @@ class CompressionStack:
         self.pm = new_plugin_manager(trace)
         for strategy in reversed(self.strategies):
             self.pm.register(strategy)
-        self.encoder_layers: set[int] = set()
+        self.encoder_layers: set[int] = set()  # -1: at the encoder input
+        self.encoder_mid_layers: set[int] = set()
         self.encoder_attention_layers: set[int] = set()
+        self.encoder_key_layers: set[int] = set()
+        self.encoder_saliency_layers: set[int] = set()
         self.llm_layers: set[int] = set()
         self.attention_layers: set[int] = set()
+        self.text_attention_layers: set[int] = set()
+        self.decode_layers: set[int] = set()
+        last = info.vision_layers
         for s in self.strategies:
             hooks = s.active_hooks()
             if "intra_encoder" in hooks:
                 self.encoder_layers |= s.encoder_layers(info)
+                self.encoder_mid_layers |= s.encoder_mid_layers(info)
             if "inner_llm" in hooks:
                 self.llm_layers |= s.llm_layers(info)
-            self.encoder_attention_layers |= s.encoder_attention_layers(info)
+            if "inner_llm_decode" in hooks:
+                self.decode_layers |= s.decode_layers(info)
+            self.encoder_attention_layers |= {i % last for i in s.encoder_attention_layers(info)}
+            self.encoder_key_layers |= {i % last for i in s.encoder_key_layers(info)}
+            self.encoder_saliency_layers |= {i % last for i in s.encoder_saliency_layers(info)}
             self.attention_layers |= s.attention_layers(info)
+            self.text_attention_layers |= s.text_attention_layers(info)
         self.has_pre_llm = any("pre_llm" in s.active_hooks() for s in self.strategies)
         self.clock = StageClock()  # replaced per run: strategy hooks count as "token_processing"
 
@@ -56,8 +68,9 @@ class CompressionStack:
             s.start(seed)
 
     def intra_encoder(self, state: EncoderState) -> None:
+        wanted = "encoder_mid_layers" if state.position == "attention" else "encoder_layers"
         with self.clock.stage("token_processing"):
-            self._caller("tokcomp_intra_encoder", "encoder_layers", state.layer)(state=state)
+            self._caller("tokcomp_intra_encoder", wanted, state.layer)(state=state)
 
     def pre_llm(self, state: VisualTokens) -> None:
         with self.clock.stage("token_processing"):
@@ -66,6 +79,10 @@ class CompressionStack:
     def inner_llm(self, state: LLMState) -> None:
         with self.clock.stage("token_processing"):
             self._caller("tokcomp_inner_llm", "llm_layers", state.layer)(state=state)
+
+    def inner_llm_decode(self, state: DecodeState) -> None:
+        # Counted in decode time, not in the TTFT's token-processing stage.
+        self._caller("tokcomp_inner_llm_decode", "decode_layers", state.layer)(state=state)
 
     def close(self) -> None:
         for s in self.strategies:

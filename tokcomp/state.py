@@ -45,16 +45,24 @@ class EncoderState:
     frame_sources: list[list[int]]
     attention: Tensor | None = None  # (frames, tokens): mean attention each token receives
     meta: dict = field(default_factory=dict)  # strategy results for later hook points (e.g. segments)
+    position: str = "layer"  # "input" (before layer 0), "attention" (between attention and MLP) or "layer"
+    keys: Tensor | None = None  # (frames, tokens, head_dim): this layer's head-averaged keys, on request
+    saliency: Tensor | None = None  # (frames, tokens): per-frame mean-query attention, on request
+    sizes: Tensor | None = None  # (frames, tokens): merged-token sizes; later layers use proportional attention
 
     @property
     def num_frames(self) -> int:
         return self.hidden.shape[0]
 
     def replace(self, hidden: Tensor, frame_sources: list[list[int]] | None = None,
-                attention: Tensor | None = None) -> None:
+                attention: Tensor | None = None, grid: tuple[int, int] | None = None,
+                sizes: Tensor | None = None) -> None:
         """Replace the hidden states (fewer frames and/or tokens); dim and dtype must not change.
 
-        ``attention``: the received-attention statistic merged the same way (else it is dropped)."""
+        ``attention``: the received-attention statistic merged the same way (else it is dropped).
+        ``grid``: (h, w) with h * w tokens when the tokens form a grid again; a token-count change
+        without it leaves no grid, and the adapter then skips the 2x2 pooling. ``sizes``: token
+        sizes for proportional attention in later layers (else none). Keys and saliency are dropped."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden.shape[-1]:
             raise StrategyContractError(
                 f"intra-encoder: new hidden states must be (frames, tokens, {self.hidden.shape[-1]}), "
@@ -68,15 +76,21 @@ class EncoderState:
             raise StrategyContractError(
                 f"intra-encoder: {len(frame_sources)} frame_sources for {hidden.shape[0]} frames"
             )
-        if hidden.shape[1] != self.hidden.shape[1]:
-            self.grid = (0, 0)  # no longer a square grid; pooling must know
-        if attention is not None and attention.shape != hidden.shape[:2]:
-            raise StrategyContractError(
-                f"intra-encoder: attention must be (frames, tokens) = {tuple(hidden.shape[:2])}, got {tuple(attention.shape)}"
-            )
+        if grid is not None:
+            if grid[0] * grid[1] != hidden.shape[1]:
+                raise StrategyContractError(f"intra-encoder: grid {grid} does not hold {hidden.shape[1]} tokens")
+            self.grid = tuple(grid)
+        elif hidden.shape[1] != self.hidden.shape[1]:
+            self.grid = (0, 0)  # no longer a grid; pooling must know
+        for name, value in (("attention", attention), ("sizes", sizes)):
+            if value is not None and value.shape != hidden.shape[:2]:
+                raise StrategyContractError(
+                    f"intra-encoder: {name} must be (frames, tokens) = {tuple(hidden.shape[:2])}, got {tuple(value.shape)}"
+                )
         self.hidden = hidden.to(self.hidden.dtype)
         self.frame_sources = [list(s) for s in frame_sources]
-        self.attention = attention
+        self.attention, self.sizes = attention, sizes
+        self.keys = self.saliency = None
 
 
 @dataclass
@@ -97,6 +111,12 @@ class VisualTokens:
     grid: tuple[int, int]
     scores: Tensor | None = None  # (N,), importance when requested
     meta: dict = field(default_factory=dict)  # carried over from the intra-encoder state
+    keys: Tensor | None = None  # (N, head_dim): pooled head-averaged vision keys, on request
+    saliency: Tensor | None = None  # (N,): pooled per-frame mean-query attention, on request
+    group: Tensor | None = None  # (N,) long labels a strategy sets; reach the LLM as LLMState.visual_group
+    original_positions: bool = False  # True: positions start + source, gaps kept (FastVID)
+
+    OPTIONAL = ("scores", "keys", "saliency", "group")
 
     @property
     def num_tokens(self) -> int:
@@ -111,8 +131,9 @@ class VisualTokens:
         idx = _as_index(indices, self.num_tokens, "pre-LLM keep").to(self.features.device)
         for name in ("features", "frame", "row", "col", "is_newline", "source"):
             setattr(self, name, getattr(self, name)[idx])
-        if self.scores is not None:
-            self.scores = self.scores[idx]
+        for name in self.OPTIONAL:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[idx.to(getattr(self, name).device)])
 
     def replace(
         self,
@@ -123,6 +144,9 @@ class VisualTokens:
         is_newline: Tensor,
         source: Tensor,
         scores: Tensor | None = None,
+        keys: Tensor | None = None,
+        saliency: Tensor | None = None,
+        group: Tensor | None = None,
     ) -> None:
         """Replace all tokens at once (for merging strategies); every field must have N entries."""
         n = features.shape[0]
@@ -130,13 +154,26 @@ class VisualTokens:
             raise StrategyContractError(
                 f"pre-LLM replace: features must be (N, {self.features.shape[1]}), got {tuple(features.shape)}"
             )
-        for name, t in (("frame", frame), ("row", row), ("col", col), ("is_newline", is_newline), ("source", source)):
-            if t.shape != (n,):
+        named = (("frame", frame), ("row", row), ("col", col), ("is_newline", is_newline), ("source", source),
+                 ("scores", scores), ("saliency", saliency), ("group", group))
+        for name, t in named:
+            if t is not None and t.shape != (n,):
                 raise StrategyContractError(f"pre-LLM replace: {name} must have shape ({n},), got {tuple(t.shape)}")
+        if keys is not None and (keys.dim() != 2 or keys.shape[0] != n):
+            raise StrategyContractError(f"pre-LLM replace: keys must be ({n}, head_dim), got {tuple(keys.shape)}")
         self.features = features.to(self.features.dtype)
         self.frame, self.row, self.col, self.source = frame.long(), row.long(), col.long(), source.long()
         self.is_newline = is_newline.bool()
-        self.scores = scores
+        self.scores, self.keys, self.saliency = scores, keys, saliency
+        self.group = None if group is None else group.long()
+
+    def position_offsets(self) -> Tensor:
+        """Offsets from the video's start of each token's position id (contiguous, or sources as FastVID keeps them)."""
+        if not self.original_positions:
+            return torch.arange(self.num_tokens, device=self.features.device)
+        if self.num_tokens > 1 and bool((self.source[1:] <= self.source[:-1]).any()):
+            raise StrategyContractError("pre-LLM: original_positions needs the tokens in ascending source order")
+        return self.source
 
 
 @dataclass
@@ -150,6 +187,9 @@ class LLMState:
     visual_mask: Tensor  # (L,) bool
     last_token_attention: dict[int, Tensor] = field(default_factory=dict)  # layer -> (L,)
     kept: Tensor | None = None  # set by keep(): indices into the current sequence
+    text_attention: dict[int, Tensor] = field(default_factory=dict)  # layer -> (L,), from the text after the video
+    visual_group: Tensor | None = None  # (L,) long labels from VisualTokens.group, -1 for text
+    prune_earlier_cache: bool = False  # set by keep(..., prune_earlier_cache=True)
 
     @property
     def seq_len(self) -> int:
@@ -158,8 +198,11 @@ class LLMState:
     def visual_indices(self) -> Tensor:
         return torch.nonzero(self.visual_mask, as_tuple=False).flatten()
 
-    def keep(self, indices: Tensor | list[int]) -> None:
-        """Keep these sequence entries from this layer on; every non-visual entry must be kept."""
+    def keep(self, indices: Tensor | list[int], prune_earlier_cache: bool = False) -> None:
+        """Keep these sequence entries from this layer on; every non-visual entry must be kept.
+
+        ``prune_earlier_cache``: also cut the KV caches of the layers before this one to the same
+        entries once prefill ends (PruneVid), so decoding reads the pruned cache everywhere."""
         idx = _as_index(indices, self.seq_len, f"inner-LLM keep at layer {self.layer}").to(self.hidden.device)
         idx, _ = torch.sort(idx)
         dropped = torch.ones(self.seq_len, dtype=torch.bool, device=idx.device)
@@ -170,7 +213,11 @@ class LLMState:
         self.position_ids = self.position_ids[:, idx]
         self.visual_mask = self.visual_mask[idx]
         self.last_token_attention = {k: v[idx] for k, v in self.last_token_attention.items()}
+        self.text_attention = {k: v[idx] for k, v in self.text_attention.items()}
+        if self.visual_group is not None:
+            self.visual_group = self.visual_group[idx]
         self.kept = idx if self.kept is None else self.kept[idx]
+        self.prune_earlier_cache = self.prune_earlier_cache or prune_earlier_cache
 
     def set_hidden(self, hidden: Tensor) -> None:
         """Overwrite hidden-state values in place of the current ones (for merges); shape must match."""
@@ -179,3 +226,32 @@ class LLMState:
                 f"inner-LLM set_hidden at layer {self.layer}: shape {tuple(hidden.shape)} != {tuple(self.hidden.shape)}"
             )
         self.hidden = hidden.to(self.hidden.dtype)
+
+
+@dataclass
+class DecodeState:
+    """One decode step entering decoder layer ``layer`` (strategies that act on decoding, like DyCoke).
+
+    ``attention`` is the newest token's head-averaged attention row in layer ``layer - 1`` over
+    that layer's cache entries, ``positions`` their original sequence positions, ``visual`` which
+    of them are visual tokens. ``select`` restricts what layers >= ``layer`` read for this step.
+    """
+
+    layer: int
+    step: int
+    attention: Tensor  # (M,)
+    positions: Tensor  # (M,) long
+    visual: Tensor  # (M,) bool
+    selected: Tensor | None = None  # original positions read this step, set by select()
+
+    def select(self, positions_kept: Tensor | list[int]) -> None:
+        """Read only the cache entries at these original positions in this step (the cache keeps all)."""
+        kept = torch.as_tensor(positions_kept, dtype=torch.long).flatten().to(self.positions.device)
+        known = torch.isin(kept, self.positions)
+        if not bool(known.all()):
+            raise StrategyContractError(f"decode select at layer {self.layer}: unknown positions {kept[~known].tolist()[:8]}")
+        if torch.unique(kept).numel() != kept.numel():
+            raise StrategyContractError(f"decode select at layer {self.layer}: positions must be unique")
+        if not bool(torch.isin(self.positions[~self.visual], kept).all()):
+            raise StrategyContractError(f"decode select at layer {self.layer}: non-visual entries must never be dropped")
+        self.selected = torch.sort(kept).values

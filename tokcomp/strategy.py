@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from tokcomp.errors import ConfigError, UnknownNameError
 
-HOOK_POINTS: tuple[str, ...] = ("intra_encoder", "pre_llm", "inner_llm")
+HOOK_POINTS: tuple[str, ...] = ("intra_encoder", "pre_llm", "inner_llm", "inner_llm_decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +46,24 @@ class Strategy:
 
     # --- where the strategy acts (override as needed) ---------------------------------------
     def encoder_layers(self, info: ModelInfo) -> set[int]:
-        """Vision layers after which ``tokcomp_intra_encoder`` must be called."""
+        """Vision layers after which ``tokcomp_intra_encoder`` must be called (-1: at the encoder input,
+        after the patch and position embeddings, before layer 0)."""
+        return set()
+
+    def encoder_mid_layers(self, info: ModelInfo) -> set[int]:
+        """Vision layers at which ``tokcomp_intra_encoder`` is called between attention and MLP (ToMe)."""
         return set()
 
     def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
-        """Vision layers whose received-attention statistic this strategy needs."""
+        """Vision layers whose received-attention statistic this strategy needs (-1: the last)."""
+        return set()
+
+    def encoder_key_layers(self, info: ModelInfo) -> set[int]:
+        """Vision layers whose head-averaged attention keys this strategy needs (-1: the last)."""
+        return set()
+
+    def encoder_saliency_layers(self, info: ModelInfo) -> set[int]:
+        """Vision layers whose per-frame mean-query attention this strategy needs (-1: the last)."""
         return set()
 
     def llm_layers(self, info: ModelInfo) -> set[int]:
@@ -59,6 +72,14 @@ class Strategy:
 
     def attention_layers(self, info: ModelInfo) -> set[int]:
         """Decoder layers whose last-token attention row this strategy needs."""
+        return set()
+
+    def text_attention_layers(self, info: ModelInfo) -> set[int]:
+        """Decoder layers whose attention from the text after the video (max over heads and queries) it needs."""
+        return set()
+
+    def decode_layers(self, info: ModelInfo) -> set[int]:
+        """Decoder layers before which ``tokcomp_inner_llm_decode`` is called on every decode step."""
         return set()
 
     def check(self, info: ModelInfo) -> None:

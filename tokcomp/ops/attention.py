@@ -6,15 +6,18 @@ import torch
 from torch import Tensor
 
 
-def received_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 8) -> Tensor:
+def received_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 8, bias: Tensor | None = None) -> Tensor:
     """Mean attention each key receives, over heads and queries (non-causal).
 
-    q, k: (batch, heads, tokens, head_dim). Returns (batch, tokens) in float32. Processed in
-    chunks of the batch so the (heads, tokens, tokens) probabilities of only a few rows live at once.
+    q, k: (batch, heads, tokens, head_dim); ``bias`` (batch, tokens) is added to the logits of each
+    key (proportional attention). Returns (batch, tokens) in float32. Processed in chunks of the
+    batch so the (heads, tokens, tokens) probabilities of only a few rows live at once.
     """
     out = []
     for b in range(0, q.shape[0], chunk):
         logits = torch.matmul(q[b : b + chunk].float(), k[b : b + chunk].float().transpose(-1, -2)) * scale
+        if bias is not None:
+            logits = logits + bias[b : b + chunk, None, None, :].float()
         out.append(torch.softmax(logits, dim=-1).mean(dim=(1, 2)))
     return torch.cat(out)
 
@@ -27,3 +30,35 @@ def last_query_attention(q_last: Tensor, k: Tensor, scale: float) -> Tensor:
     """
     logits = torch.einsum("hd,htd->ht", q_last.float(), k.float()) * scale
     return torch.softmax(logits, dim=-1).mean(dim=0)
+
+
+def mean_query_saliency(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Per-frame saliency from one pooled query: softmax over keys of mean(q) . k, averaged over heads.
+
+    The CLS-free stand-in for an attention-pooling probe that FastVID's Qwen2.5-VL port uses:
+    cheap (one query per frame) and computable beside fused attention. q, k: (batch, heads,
+    tokens, head_dim); ``bias`` (batch, tokens) is added to the logits. Returns (batch, tokens) float32.
+    """
+    logits = torch.einsum("bhd,bhtd->bht", q.float().mean(dim=2), k.float()) * scale
+    if bias is not None:
+        logits = logits + bias[:, None, :].float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def head_mean(x: Tensor) -> Tensor:
+    """(batch, heads, tokens, head_dim) -> (batch, tokens, head_dim): ToMe's and VisionZip's key metric."""
+    return x.mean(dim=1)
+
+
+def text_query_attention(q: Tensor, k: Tensor, query_positions: Tensor, scale: float) -> Tensor:
+    """Attention from a set of queries to all keys under a causal mask, max over heads and queries.
+
+    q: (heads, Q, head_dim) at sequence positions ``query_positions`` (Q,); k: (heads, L, head_dim)
+    with KV heads repeated. Key j is visible to a query at position p when j <= p. Returns (L,)
+    float32 (PruneVid's inner-stage score: the strongest any post-video text token pays a key).
+    """
+    logits = torch.einsum("hqd,hld->hql", q.float(), k.float()) * scale
+    keys = torch.arange(k.shape[1], device=k.device)
+    visible = keys[None, :] <= query_positions.to(k.device)[:, None]
+    logits = logits.masked_fill(~visible[None], float("-inf"))
+    return torch.softmax(logits, dim=-1).amax(dim=(0, 1))
