@@ -1,0 +1,176 @@
+"""PruneVid: merge static and similar tokens before the LLM, then prune by text attention inside it.
+
+PruneVid's official code (Visual-AI/PruneVid) targets PLLaVA (16 frames pooled to 12x12). No
+LLaVA-OneVision code has been released, and the OV/LLaVA-Video numbers in the HoliTom and EarlyTom
+tables come from HoliTom's author's own unreleased port. This is our port of the PLLaVA code to
+OV's 196-token frames (14x14 pooled grid, one newline token after the video).
+
+Stage 1, ``prunevid.outer`` (pre-LLM), on the pooled tokens of every frame:
+
+1. Temporal segments: DPC-KNN (k neighbours) over the frame-mean features into
+   int(T * temporal_segment_ratio) clusters; ``refine_clusters`` keeps each cluster's longest
+   contiguous run(s) and gives the frames in between to the neighbouring run whose cluster's run is
+   longer (left on ties); segments are the maximal runs of the refined labels
+   (``tokcomp.ops.prunevid.refine_clusters`` spells the rule out; specs/methods.md records only
+   that it forces contiguous segments, the steps are our reading of the official function). The
+   smoothing goes by run lengths only: a stray frame between two segments joins the neighbour whose
+   cluster has the longer run, even when its own DPC label matches the other neighbour.
+2. Per segment of W >= 2 frames, position p is static when the mean cosine similarity of its W
+   tokens over all pairs of distinct frames exceeds ``tau``; static tokens are averaged over time
+   (one per static position). A one-frame segment is all dynamic.
+3. The static tokens are merged spatially by DPC-KNN into int(n_static * cluster_ratio) cluster
+   means; each frame's dynamic tokens likewise, but only when there are more than
+   ``min_dynamic_tokens`` (14) of them, else they are kept as they are.
+4. Order: per segment [static clusters, then the dynamic tokens frame by frame], segments in
+   temporal order, the newline token last. Positions stay contiguous, as in LLaVA. Each merged
+   token takes its cluster centre's geometry (frame, row, col, source); a static token's frame is
+   its segment's first frame. Importance scores, keys and saliency do not survive the merge.
+5. ``state.group`` labels each token's group for stage 2: the g-th non-empty group in sequence
+   order gets ``2g`` if it is a segment's static group, ``2g + 1`` if it is one frame's dynamic
+   group (``tokcomp.ops.prunevid.is_static_label``); the newline gets -1. The segments are also
+   left in ``state.meta["prunevid.segments"]`` as (first, last) frame rows.
+
+Stage 2, ``prunevid.inner`` (inner-LLM, prefill), after decoder layer ``layer`` (10), so the hook
+runs before layer ``layer + 1``:
+
+- Score each visual token by layer ``layer``'s attention from all text tokens after the video to
+  it, max over heads and over those queries (``text_attention_layers``).
+- Per group, keep the top ceil(n * alpha) tokens (alpha 0.4), so every static group and every
+  frame's dynamic group keeps at least one token; tokens labelled -1 (the newline) are kept. If no
+  visual token has a label >= 0 (``prunevid.outer`` did not run before it), all visual tokens,
+  the newline included, form one group.
+- Drop the rest from the hidden states and from the KV caches of layers 0..layer
+  (``keep(..., prune_earlier_cache=True)``); kept tokens keep their original positions.
+
+Defaults (all from the official PLLaVA code): temporal_segment_ratio 0.25, tau 0.8,
+cluster_ratio 0.5, k 7, min_dynamic_tokens 14; layer 10, alpha 0.4.
+
+Token budget. PruneVid has no retention-ratio parameter: what stage 1 keeps depends on how static
+the video is. Per segment of W frames with a fraction s of static positions it keeps about
+cluster_ratio * (s + W(1 - s)) * n of the W * n tokens, i.e. a retention of about
+cluster_ratio * (1 - s(1 - 1/W)), which is never above cluster_ratio (except for frames whose
+dynamic tokens are too few to cluster). Recipe for a target pre-LLM retention rho (the 25/20/15/10%
+columns of the paper tables): keep tau, k and temporal_segment_ratio at their defaults and scale
+``cluster_ratio``, which the retention follows almost linearly: run once at the default 0.5 on a
+sample of the benchmark, read the retained ratio rho0 from the ledgers, and use
+cluster_ratio = min(1, 0.5 * rho / rho0); check the ledgers again (at small ratios the retention
+falls more slowly than cluster_ratio, since frames with at most 14 dynamic tokens are never
+clustered and every group keeps at least one cluster). Lower ``tau`` or a smaller
+``temporal_segment_ratio`` (longer segments) compress further where cluster_ratio alone cannot.
+Because the count is data-dependent neither stage declares a ``plan_*`` method and stage 1 has no
+``nominal_pre_llm``: FLOPs come from a run's ledger, or from ``--visual-tokens``.
+
+Deviations from the official code:
+- ``refine_clusters``' treatment of a video where every cluster's runs are single frames (it would
+  leave no labelled neighbour to copy): the DPC-KNN labels are kept, so each run is a segment.
+- At least one temporal cluster and one spatial cluster: int(T * 0.25) is 0 below 4 frames and
+  int(n * cluster_ratio) is 0 for one static token; the spec records plain int().
+- The mean pairwise similarity subtracts the true self-similarities (as we read the official code,
+  it subtracts 1 per frame, which differs only for all-zero tokens).
+- DPC-KNN density ties are broken by index instead of 1e-6 noise (``tokcomp.ops.cluster``), so
+  the stage is deterministic.
+- Stage 2's per-group count rounds up (ceil, at least one), so no frame or segment vanishes
+  entirely; OV's newline token, which PLLaVA does not have, is always kept when groups exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokcomp.errors import ConfigError
+from tokcomp.hookspecs import hookimpl
+from tokcomp.ops.prunevid import group_topk, merge_frames_dynamic
+from tokcomp.state import LLMState, VisualTokens
+from tokcomp.strategy import ModelInfo, Strategy, check_ratio
+
+SEGMENTS = "prunevid.segments"
+
+
+@dataclass
+class Outer(Strategy):
+    name = "prunevid.outer"
+    summary = "PruneVid stage 1: temporal segments, static tokens averaged, DPC-KNN cluster means"
+    temporal_segment_ratio: float = 0.25  # official default: segments = int(T * 0.25) DPC-KNN clusters
+    tau: float = 0.8  # official default: static threshold on the mean pairwise cosine similarity
+    cluster_ratio: float = 0.5  # official default: spatial DPC-KNN clusters = int(n * 0.5)
+    k: int = 7  # official default: DPC-KNN neighbours
+    min_dynamic_tokens: int = 14  # official: a frame's dynamic tokens are clustered only when more than 14
+
+    def __post_init__(self) -> None:
+        check_ratio(self.name, "temporal_segment_ratio", self.temporal_segment_ratio)
+        check_ratio(self.name, "cluster_ratio", self.cluster_ratio)
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau!r} is outside [-1, 1] (a cosine similarity threshold)")
+        if self.k < 1:
+            raise ValueError(f"k={self.k!r} must be >= 1")
+        if self.min_dynamic_tokens < 0:
+            raise ValueError(f"min_dynamic_tokens={self.min_dynamic_tokens!r} must be >= 0")
+
+    @hookimpl
+    def tokcomp_pre_llm(self, state: VisualTokens) -> None:
+        grid = self._token_grid(state)
+        out = merge_frames_dynamic(state.features[grid], self.temporal_segment_ratio, self.tau,
+                                   self.cluster_ratio, self.k, self.min_dynamic_tokens)
+        source = grid[out.frame.to(grid.device), out.position.to(grid.device)]
+        newline = torch.nonzero(state.is_newline, as_tuple=False).flatten()
+        idx = torch.cat([source, newline])
+        group = torch.cat([out.group.to(idx.device), torch.full((newline.numel(),), -1, device=idx.device)])
+        features = torch.cat([out.features.to(state.features.dtype), state.features[newline]])
+        state.replace(features, state.frame[idx], state.row[idx], state.col[idx], state.is_newline[idx],
+                      state.source[idx], group=group)
+        state.meta[SEGMENTS] = out.segments
+
+    def _token_grid(self, state: VisualTokens) -> Tensor:
+        """(frames, h*w) token indices; requires every frame's full grid in raster order."""
+        (h, w), frames = state.grid, state.num_frames
+        idx = torch.nonzero(~state.is_newline, as_tuple=False).flatten()
+        if h * w == 0 or idx.numel() != frames * h * w:
+            raise ConfigError(f"strategy {self.name!r} needs every frame's full token grid (put it first at pre_llm)")
+        grid = idx.view(frames, h * w)
+        raster = torch.arange(h * w, device=idx.device)
+        frame_ok = (state.frame[grid] == torch.arange(frames, device=idx.device)[:, None]).all()
+        if not (frame_ok and (state.row[grid] * w + state.col[grid] == raster).all()):
+            raise ConfigError(f"strategy {self.name!r} needs tokens frame by frame in raster order")
+        return grid
+
+
+@dataclass
+class Inner(Strategy):
+    name = "prunevid.inner"
+    summary = "PruneVid stage 2: after LLM layer `layer`, keep top alpha per group by text attention"
+    layer: int = 10  # official selected_layer: prune after this decoder layer
+    alpha: float = 0.4  # official: fraction of each group kept
+
+    def __post_init__(self) -> None:
+        check_ratio(self.name, "alpha", self.alpha)
+
+    def check(self, info: ModelInfo) -> None:
+        if not 0 <= self.layer < info.llm_layers - 1:
+            raise ConfigError(f"strategy {self.name!r}: layer={self.layer} must be in 0..{info.llm_layers - 2} "
+                              f"(a decoder layer with a next layer; the model has {info.llm_layers})")
+
+    def llm_layers(self, info: ModelInfo) -> set[int]:
+        return {self.layer + 1}
+
+    def text_attention_layers(self, info: ModelInfo) -> set[int]:
+        return {self.layer}
+
+    @hookimpl
+    def tokcomp_inner_llm(self, state: LLMState) -> None:
+        visual = state.visual_indices()
+        if visual.numel() == 0:
+            return
+        scores = state.text_attention[self.layer].to(visual.device)[visual]
+        if state.visual_group is None:
+            labels = torch.full_like(visual, -1)
+        else:
+            labels = state.visual_group.to(visual.device)[visual]
+        kept = visual[group_topk(scores, labels, self.alpha).to(visual.device)]
+        text = torch.nonzero(~state.visual_mask, as_tuple=False).flatten().to(visual.device)
+        state.keep(torch.cat([text, kept]), prune_earlier_cache=True)
+
+
+PRUNEVID_STRATEGIES = (Outer, Inner)
