@@ -20,7 +20,7 @@ def test_list_strategies_shows_hook_points_and_origin(capsys):
 def test_list_strategies_filters_by_wildcard(capsys):
     assert main(["list", "strategies", "f*"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
-    assert names == ["fastv", "frame_avg"]
+    assert names == ["fastv", "fastvid", "frame_avg"]
     assert main(["list", "strategies", "zzz*"]) == 1
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from tokcomp.errors import TokcompError
 from tokcomp.tables import render_table
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -18,7 +23,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = []
         for name in Plugins.matching(plugins.strategies, args.pattern):
             reg = plugins.strategies[name]
-            params = ", ".join(f"{k}={f.default!r}" for k, f in reg.obj.parameters().items())
+            params = ", ".join(f"{k}={_default(f)!r}" for k, f in reg.obj.parameters().items())
             rows.append([name, ",".join(reg.obj.hook_points()), reg.plugin, reg.distribution, params, reg.obj.summary])
         print(render_table(["strategy", "hook points", "plugin", "from", "parameters (defaults)", "summary"], rows))
     else:
