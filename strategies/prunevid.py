@@ -109,6 +109,12 @@ class Outer(Strategy):
         if self.min_dynamic_tokens < 0:
             raise ValueError(f"min_dynamic_tokens={self.min_dynamic_tokens!r} must be >= 0")
 
+    def nominal_pre_llm(self, info: ModelInfo, tokens) -> None:
+        """The budget ``tokcomp flops --nominal`` counts: int(n * cluster_ratio) per frame, the count
+        when nothing is static; static positions only lower it (frames with at most
+        ``min_dynamic_tokens`` dynamic tokens, which stay unclustered, can exceed it slightly)."""
+        tokens.per_frame = [max(1, int(n * self.cluster_ratio)) for n in tokens.per_frame]
+
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         grid = self._token_grid(state)

@@ -241,11 +241,14 @@ def test_bad_parameters_are_rejected_by_name(cls, params):
         cls.from_params(params)
 
 
-def test_both_stages_are_data_dependent_and_declare_no_plan():
+def test_both_stages_are_data_dependent_and_the_outer_budget_is_its_cluster_ratio():
+    from tokcomp.plan import PlannedTokens
     from tokcomp.strategy import Strategy
 
     assert Outer.plan_pre_llm is Strategy.plan_pre_llm and Inner.plan_inner_llm is Strategy.plan_inner_llm
-    assert not hasattr(Outer, "nominal_pre_llm")
+    budget = PlannedTokens([196] * 32, 1, (14, 14))
+    Outer(cluster_ratio=0.25).nominal_pre_llm(None, budget)
+    assert budget.per_frame == [49] * 32 and budget.total == 1569
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-stage", action="append", default=[], metavar="LAYER:RATIO",
                         type=lambda t: _pair(t, float), help="from this decoder layer keep RATIO of the video tokens")
     parser.add_argument("--from-run", metavar="RUN_ID", help="use the ledgers of a finished run (parent or child)")
+    parser.add_argument("--nominal", action="store_true",
+                        help="count data-dependent pre-LLM strategies at the token budget they target "
+                             "(as the papers' FLOPs columns do) instead of refusing them")
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both")
     parser.add_argument("--json", action="store_true", help="JSON output")
 
@@ -83,7 +86,7 @@ def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | s
             rows[name] = (recorded[name], dims)
             continue
         try:
-            rows[name] = (plan_ledger(info, cfg.input.frames, text, strategies), dims)
+            rows[name] = (plan_ledger(info, cfg.input.frames, text, strategies, nominal=args.nominal), dims)
         except ScheduleUnknown as exc:
             rows[name] = (str(exc), dims)
     return rows
@@ -143,10 +146,11 @@ def flops_table(results: dict[str, Any], protocols: tuple[str, ...]) -> str:
     if "exact" in protocols:
         header += ["exact projector T", "decode GFLOPs/token"]
     reference = next((r for r in results.values() if "error" not in r), None)
-    rows = []
+    rows, notes = [], []
     for name, r in results.items():
         if "error" in r:
-            rows.append([name, r["error"]])
+            notes.append(f"{name}: {r['error']}")
+            rows.append([name] + ["-"] * (len(header) - 1))
             continue
         row = [name, str(r["visual_tokens"])]
         for p in protocols:
@@ -155,7 +159,7 @@ def flops_table(results: dict[str, Any], protocols: tuple[str, ...]) -> str:
         if "exact" in protocols:
             row += [f"{r['exact']['projector_T']:.4g}", f"{1e3 * r['exact']['decode_per_token_T']:.4g}"]
         rows.append(row)
-    return render_table(header, rows)
+    return "\n".join([render_table(header, rows), *notes])
 
 
 __all__ = ["add_flops_arguments", "cmd_flops", "TokcompError"]

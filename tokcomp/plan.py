@@ -40,9 +40,10 @@ def _active(strategies: Sequence[Strategy], hook: str) -> list[Strategy]:
 
 def _require(strategy: Strategy, method: str) -> None:
     if getattr(type(strategy), method) is getattr(Strategy, method):
+        nominal = ", or count its nominal budget (--nominal)" if hasattr(strategy, "nominal_pre_llm") else ""
         raise ScheduleUnknown(
             f"strategy {strategy.name!r} has a data-dependent token schedule; compute FLOPs from a finished "
-            "run's ledger (tokcomp flops --from-run RUN_ID), or count its nominal budget (--nominal)"
+            f"run's ledger (tokcomp flops --from-run RUN_ID){nominal}"
         )
 
 
