@@ -82,7 +82,7 @@ def test_strategy_respects_its_retention_ratio(name, plugins, tiny, pixels):
     """Strategies whose ``ratio`` is a retention fraction of the visual tokens keep about that fraction."""
     cls = plugins.strategy(name)
     if "ratio" not in cls.parameters() or name in RATIO_IS_NOT_RETENTION:
-        pytest.skip(f"{name} has no retention ratio")
+        pytest.skip(f"{name} has no parameter that is a retention ratio")
     params = TINY_PARAMS.get(name, {}) | {"ratio": 0.5}
     ledger = run_with(tiny, pixels, [cls.from_params(params)], max_new_tokens=1).ledger
     visual_in = ledger.visual_tokens_before_pre_llm
