@@ -151,7 +151,7 @@ class DecoupledSelect(Strategy):
 
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
-        grid = self._token_grid(state)
+        grid = state.frame_grid(self.name)
         frames, tokens = grid.shape
         base = self.base_frames or state.meta.get(INPUT_FRAMES) or len({f for s in state.frame_sources for f in s})
         r_hat = rescaled_ratio(self.ratio, base, frames)
@@ -187,18 +187,6 @@ class DecoupledSelect(Strategy):
             return raster_window_argmax(scores, k)
         return labelled_window_argmax(scores, square_windows(*grid, k))
 
-    def _token_grid(self, state: VisualTokens) -> Tensor:
-        """(frames, h*w) token indices; requires every frame's full grid in raster order."""
-        (h, w), frames = state.grid, state.num_frames
-        idx = torch.nonzero(~state.is_newline, as_tuple=False).flatten()
-        if h * w == 0 or idx.numel() != frames * h * w:
-            raise ConfigError(f"strategy {self.name!r} needs every frame's full token grid (put it first at pre_llm)")
-        grid = idx.view(frames, h * w)
-        raster = torch.arange(h * w, device=idx.device)
-        frame_ok = (state.frame[grid] == torch.arange(frames, device=idx.device)[:, None]).all()
-        if not (frame_ok and (state.row[grid] * w + state.col[grid] == raster).all()):
-            raise ConfigError(f"strategy {self.name!r} needs tokens frame by frame in raster order")
-        return grid
 
     def _segments(self, state: VisualTokens, grid: Tensor) -> list[tuple[int, int]]:
         segments = state.meta.get(SEGMENTS)

@@ -190,7 +190,7 @@ class OuterMerge(Strategy):
 
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
-        grid = _token_grid(self.name, state)
+        grid = state.frame_grid(self.name)
         frames, positions = grid.shape
         if state.scores is None:
             raise ConfigError(f"strategy {self.name!r} found no attention scores (an earlier strategy replaced them)")
@@ -250,19 +250,6 @@ class OuterMerge(Strategy):
         centre_positions = positions[centres][order]
         return merged[order], centre_positions, scores[:, centre_positions].mean(dim=0)
 
-
-def _token_grid(name: str, state: VisualTokens) -> Tensor:
-    """(frames, h*w) token indices; requires every frame's full pooled grid in raster order."""
-    (h, w), frames = state.grid, state.num_frames
-    idx = torch.nonzero(~state.is_newline, as_tuple=False).flatten()
-    if h * w == 0 or idx.numel() != frames * h * w:
-        raise ConfigError(f"strategy {name!r} needs every frame's full token grid (put it first at pre_llm)")
-    grid = idx.view(frames, h * w)
-    raster = torch.arange(h * w, device=idx.device)
-    frame_ok = (state.frame[grid] == torch.arange(frames, device=idx.device)[:, None]).all()
-    if not (frame_ok and (state.row[grid] * w + state.col[grid] == raster).all()):
-        raise ConfigError(f"strategy {name!r} needs tokens frame by frame in raster order")
-    return grid
 
 
 HOLITOM_STRATEGIES = (InnerMerge, OuterMerge)

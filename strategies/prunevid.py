@@ -78,7 +78,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
@@ -117,7 +116,7 @@ class Outer(Strategy):
 
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
-        grid = self._token_grid(state)
+        grid = state.frame_grid(self.name)
         out = merge_frames_dynamic(state.features[grid], self.temporal_segment_ratio, self.tau,
                                    self.cluster_ratio, self.k, self.min_dynamic_tokens)
         source = grid[out.frame.to(grid.device), out.position.to(grid.device)]
@@ -129,18 +128,6 @@ class Outer(Strategy):
                       state.source[idx], group=group)
         state.meta[SEGMENTS] = out.segments
 
-    def _token_grid(self, state: VisualTokens) -> Tensor:
-        """(frames, h*w) token indices; requires every frame's full grid in raster order."""
-        (h, w), frames = state.grid, state.num_frames
-        idx = torch.nonzero(~state.is_newline, as_tuple=False).flatten()
-        if h * w == 0 or idx.numel() != frames * h * w:
-            raise ConfigError(f"strategy {self.name!r} needs every frame's full token grid (put it first at pre_llm)")
-        grid = idx.view(frames, h * w)
-        raster = torch.arange(h * w, device=idx.device)
-        frame_ok = (state.frame[grid] == torch.arange(frames, device=idx.device)[:, None]).all()
-        if not (frame_ok and (state.row[grid] * w + state.col[grid] == raster).all()):
-            raise ConfigError(f"strategy {self.name!r} needs tokens frame by frame in raster order")
-        return grid
 
 
 @dataclass

@@ -167,6 +167,22 @@ class VisualTokens:
         self.scores, self.keys, self.saliency = scores, keys, saliency
         self.group = None if group is None else group.long()
 
+    def frame_grid(self, strategy: str) -> Tensor:
+        """(frames, h*w) token indices, for strategies that need every frame's full grid in raster order
+        (the untouched pooled layout); raises naming ``strategy`` otherwise."""
+        from tokcomp.errors import ConfigError
+
+        (h, w), frames = self.grid, self.num_frames
+        idx = torch.nonzero(~self.is_newline, as_tuple=False).flatten()
+        if h * w == 0 or idx.numel() != frames * h * w:
+            raise ConfigError(f"strategy {strategy!r} needs every frame's full token grid (put it first at pre_llm)")
+        grid = idx.view(frames, h * w)
+        raster = torch.arange(h * w, device=idx.device)
+        frame_ok = (self.frame[grid] == torch.arange(frames, device=idx.device)[:, None]).all()
+        if not (frame_ok and (self.row[grid] * w + self.col[grid] == raster).all()):
+            raise ConfigError(f"strategy {strategy!r} needs tokens frame by frame in raster order")
+        return grid
+
     def position_offsets(self) -> Tensor:
         """Offsets from the video's start of each token's position id (contiguous, or sources as FastVID keeps them)."""
         if not self.original_positions:
