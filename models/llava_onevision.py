@@ -1,22 +1,20 @@
-"""LLaVA-OneVision (transformers ``LlavaOnevisionForConditionalGeneration``) with tokcomp's hook points.
+"""LLaVA-OneVision (transformers ``LlavaOnevisionForConditionalGeneration``) as tokcomp primitives.
 
-The adapter runs the model's own modules in the model's own order: SigLIP embeddings, each
-encoder layer (frames as the batch) followed by the intra-encoder hook, projector, bilinear pooling
-of the 27x27 grid to 14x14, one newline token after the whole video, the pre-LLM hook, splicing
-into the prompt embeddings, then Qwen2 prefill (inner-LLM hook as per-instance forward pre-hooks on
-the decoder layers, removed afterwards) and greedy decoding with the KV cache.
+The model's own modules, reached one at a time so the pipeline can run them in the model's order:
+SigLIP embeddings and each encoder layer (frames as the batch, 27x27 patches in raster order), the
+projector and the bilinear pooling of the grid to 14x14, one newline feature after the whole video
+(a special token the pipeline re-emits), a Qwen-format chat prompt with 1-D RoPE positions, and the
+Qwen2 decoder. This file knows nothing of hook points, ledgers or decoding.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokcomp.models.decoder_hooks import DecoderCache, attach_decoder_hooks
 from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
@@ -27,48 +25,24 @@ from transformers import (
 )
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
 
+from tokcomp.adapter import QK, PromptLayout, VideoInput, VisionOutput
+from tokcomp.decoding import DecoderCache
 from tokcomp.errors import ConfigError
-from tokcomp.ledger import TokenLedger, VisionLayerEntry, vision_stat_record
-from tokcomp.ops.attention import (
-    head_mean,
-    last_query_attention,
-    mean_query_saliency,
-    received_attention,
-    text_query_attention,
-)
 from tokcomp.ops.pooling import bilinear_halve
-from tokcomp.stack import CompressionStack
-from tokcomp.state import EncoderState, StrategyContractError, VisualTokens
 from tokcomp.strategy import ModelInfo
-from tokcomp.timing import StageClock
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SYSTEM_PROMPT = "You are a helpful assistant."
-_POOLED_STATS = "tokcomp.vision_statistics"  # meta key: statistics handed from the encoder to the pooling
+CAPABILITIES = frozenset({"intra_encoder", "vision_split"})
 
 
-def _log_sizes(sizes: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
-    """Proportional attention: log token sizes, (frames, tokens) float32, or with ``dtype`` an additive
-    attention mask (frames, 1, 1, tokens) on the key axis. None without sizes."""
-    if sizes is None:
-        return None
-    bias = torch.log(sizes.float())
-    return bias if dtype is None else bias[:, None, None, :].to(dtype)
+def _key_mask(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Log token sizes (frames, tokens) as an additive attention mask (frames, 1, 1, tokens) on the keys."""
+    return None if bias is None else bias[:, None, None, :].to(dtype)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class RunOutput:
-    """What one forward pass + greedy decode produced."""
-
-    new_ids: list[int]
-    text: str
-    prefill_logits: Tensor
-    ledger: TokenLedger
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -107,7 +81,8 @@ def info_from_config(config: LlavaOnevisionConfig, preset: str) -> ModelInfo:
     side = vc.image_size // vc.patch_size
     pooled = (side + 1) // 2
     return ModelInfo(name=preset, vision_layers=vc.num_hidden_layers, vision_grid=(side, side),
-                     pooled_grid=(pooled, pooled), llm_layers=tc.num_hidden_layers, llm_hidden=tc.hidden_size)
+                     pooled_grid=(pooled, pooled), llm_layers=tc.num_hidden_layers, llm_hidden=tc.hidden_size,
+                     family="llava_onevision", capabilities=CAPABILITIES)
 
 
 def preset_config(spec: Any, preset: str) -> LlavaOnevisionConfig:
@@ -205,7 +180,10 @@ PRESET_HUB_IDS = {
 
 
 class LlavaOnevisionAdapter:
+    """The primitives of ``tokcomp.adapter.ModelAdapter`` for one LLaVA-OneVision instance."""
+
     family = "llava_onevision"
+    contiguous_positions = True
 
     def __init__(self, model: LlavaOnevisionForConditionalGeneration, tokenizer: Any, preset: str):
         self.model = model
@@ -214,8 +192,10 @@ class LlavaOnevisionAdapter:
         self.config = model.config
         self.info = info_from_config(self.config, preset)
         self.dims = dims_from_config(self.config)
+        tower = model.model.vision_tower
+        self.vision = getattr(tower, "vision_model", tower)
+        self.language_model = model.model.language_model
 
-    # ---- model parts ---------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -225,20 +205,12 @@ class LlavaOnevisionAdapter:
         return next(self.model.parameters()).dtype
 
     @property
-    def image_size(self) -> int:
-        return self.config.vision_config.image_size
-
-    @property
     def attn_implementation(self) -> str:
         return self.config.text_config._attn_implementation or "eager"
 
-    def _vision(self):
-        tower = self.model.model.vision_tower
-        return getattr(tower, "vision_model", tower)
-
     @property
-    def language_model(self):
-        return self.model.model.language_model
+    def decoder_layers(self):
+        return self.language_model.layers
 
     def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -249,20 +221,28 @@ class LlavaOnevisionAdapter:
         return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
 
     # ---- inputs ----------------------------------------------------------------------------
-    def preprocess(self, frames: Tensor) -> Tensor:
+    def preprocess(self, frames: Tensor) -> VideoInput:
         """uint8 (T, H, W, 3) -> (T, 3, S, S): bicubic antialiased resize, [0, 1], mean/std 0.5 (SigLIP)."""
+        size = self.config.vision_config.image_size
         x = frames.permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
-        x = ((x.clamp(0.0, 1.0) - 0.5) / 0.5).to(self.dtype)
-        return x.to(self.device)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        x = ((x.clamp(0.0, 1.0) - 0.5) / 0.5).to(self.dtype).to(self.device)
+        return VideoInput(x, frames=x.shape[0], rows=x.shape[0], grid=self.info.vision_grid,
+                          llm_grid=self.info.pooled_grid)
 
-    def prompt_ids(self, prompt: str, num_visual: int) -> tuple[Tensor, int]:
-        """Chat-formatted ids with ``num_visual`` video placeholders; returns ids and the span start."""
-        before, after = chat_segments(prompt)
+    def prompt(self, text: str, video: VideoInput, visual: int) -> PromptLayout:
+        """Chat-formatted ids with ``visual`` video placeholders."""
+        before, after = chat_segments(text)
         pre = self.tokenizer(before, add_special_tokens=False).input_ids
         post = self.tokenizer(after, add_special_tokens=False).input_ids
-        ids = pre + [self.config.video_token_id] * num_visual + post
-        return torch.tensor([ids], device=self.device), len(pre)
+        ids = pre + [self.config.video_token_id] * visual + post
+        return PromptLayout(torch.tensor([ids], device=self.device), len(pre), visual)
+
+    def full_positions(self, layout: PromptLayout, video: VideoInput) -> Tensor:
+        return torch.arange(layout.ids.shape[1], device=self.device)[None]
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.language_model.embed_tokens(ids)
 
     def decode_text(self, ids: list[int]) -> str:
         """Decoded text; ids the tokenizer lacks (random-weight presets use a byte tokenizer) show as <id>."""
@@ -279,149 +259,63 @@ class LlavaOnevisionAdapter:
             parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
         return "".join(parts)
 
-    # ---- the forward pass --------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    # ---- vision encoder ----------------------------------------------------------------------
+    def embed_video(self, video: VideoInput) -> Tensor:
+        return self.vision.embeddings(video.pixels)
 
-    def encode(self, pixels: Tensor, stack: CompressionStack, ledger: TokenLedger) -> VisualTokens:
-        """Vision encoder with the intra-encoder hook, projector, pooling, newline, pre-LLM hook."""
-        state = self._encoder(pixels, stack, ledger)
-        features = state.hidden
-        ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = features.shape[0], features.shape[1]
-        features = self.model.model.multi_modal_projector(features)
-        frames, n_tok = features.shape[:2]
-        stats = state.meta.pop(_POOLED_STATS, {})
-        if state.grid != (0, 0) and state.grid[0] * state.grid[1] == n_tok:
-            (h, w) = state.grid
-            pooled = bilinear_halve(features.view(frames, h, w, -1))
-            stats = {name: bilinear_halve(v.view(frames, h, w, -1).float()) for name, v in stats.items()}
-        else:  # no grid left (tokens merged inside the encoder): no 2x2 pooling, one row of tokens
-            pooled = features.view(frames, 1, n_tok, -1)
-            stats = {name: v.view(frames, 1, n_tok, -1).float() for name, v in stats.items()}
-        ph, pw = pooled.shape[1:3]
-        ledger.pooled_tokens_per_frame = ph * pw
-        stats = {name: torch.cat([v.reshape(frames * ph * pw, -1), v.new_zeros(1, v.shape[-1])]) for name, v in stats.items()}
-        newline = self.model.model.image_newline[None, :].to(pooled.dtype)
-        feats = torch.cat([pooled.reshape(frames * ph * pw, -1), newline])
-        n = feats.shape[0]
-        dev = feats.device
-        frame = torch.arange(frames, device=dev).repeat_interleave(ph * pw)
-        cells = torch.arange(ph * pw, device=dev).repeat(frames)
-        minus1 = torch.tensor([-1], device=dev)
-        scores, saliency = stats.get("attention"), stats.get("saliency")
-        tokens = VisualTokens(
-            features=feats, frame=torch.cat([frame, minus1]), row=torch.cat([cells // pw, minus1]),
-            col=torch.cat([cells % pw, minus1]), is_newline=torch.arange(n, device=dev) == n - 1,
-            source=torch.arange(n, device=dev), frame_sources=state.frame_sources, grid=(ph, pw),
-            scores=None if scores is None else scores[:, 0], meta=state.meta, keys=stats.get("keys"),
-            saliency=None if saliency is None else saliency[:, 0],
-        )
-        ledger.visual_tokens_before_pre_llm = n
-        if stack.has_pre_llm:
-            stack.pre_llm(tokens)
-        ledger.visual_tokens_after_pre_llm = tokens.num_tokens
-        return tokens
+    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
+        return self.vision.encoder.layers[index](hidden, _key_mask(sizes, hidden.dtype))
 
-    def _encoder(self, pixels: Tensor, stack: CompressionStack, ledger: TokenLedger) -> EncoderState:
-        """SigLIP layer by layer, frames as the batch, calling the intra-encoder hook where asked.
+    def vision_attention_block(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
+        """The first half of a SigLIP encoder layer: pre-norm self-attention plus residual."""
+        layer = self.vision.encoder.layers[index]
+        out, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=_key_mask(sizes, hidden.dtype))
+        return hidden + out
 
-        The statistics strategies asked for (received attention, keys, saliency) are computed from
-        each layer's input; those of the highest requested layer, as the hooks left them, go to the
-        pre-LLM stage in ``state.meta[_POOLED_STATS]``.
-        """
-        vision = self._vision()
-        layers = vision.encoder.layers
-        side = self.info.vision_grid[0]
-        state = EncoderState(layer=-1, num_layers=len(layers), hidden=vision.embeddings(pixels), grid=(side, side),
-                             frame_sources=[[i] for i in range(pixels.shape[0])], position="input")
-        ledger.input_frames = pixels.shape[0]
-        ledger.embedded_tokens = state.hidden.shape[0] * state.hidden.shape[1]
-        if -1 in stack.encoder_layers:
-            stack.intra_encoder(state)
-        wanted = {"attention": stack.encoder_attention_layers, "keys": stack.encoder_key_layers,
-                  "saliency": stack.encoder_saliency_layers}
-        last_wanted = {name: max(layers_, default=None) for name, layers_ in wanted.items()}
-        kept: dict[str, Tensor] = {}
-        for i, layer in enumerate(layers):
-            entry = VisionLayerEntry(state.hidden.shape[0], state.hidden.shape[1])
-            ledger.vision_layers.append(entry)
-            stats = self._vision_statistics(layer, state, {name for name, ls in wanted.items() if i in ls}, ledger, i, stack)
-            if i in stack.encoder_mid_layers:
-                state.hidden = self._attention_block(layer, state.hidden, _log_sizes(state.sizes, state.hidden.dtype))
-                state.layer, state.position = i, "attention"
-                state.attention, state.keys, state.saliency = stats.get("attention"), stats.get("keys"), stats.get("saliency")
-                stack.intra_encoder(state)
-                entry.mlp_tokens_per_frame = state.hidden.shape[1]
-                if state.hidden.shape[0] != entry.frames:
-                    raise StrategyContractError(f"vision layer {i}: frames cannot change between attention and MLP")
-                state.hidden = self._mlp_block(layer, state.hidden)
-            else:
-                state.hidden = layer(state.hidden, _log_sizes(state.sizes, state.hidden.dtype))
-                state.attention, state.keys, state.saliency = stats.get("attention"), stats.get("keys"), stats.get("saliency")
-            state.layer, state.position = i, "layer"
-            if i in stack.encoder_layers:
-                stack.intra_encoder(state)
-            for name, at in last_wanted.items():
-                if i == at:
-                    value = getattr(state, name)
-                    if value is not None:
-                        kept[name] = value
-            for name, value in kept.items():
-                if value.shape[:2] != state.hidden.shape[:2]:
-                    raise StrategyContractError(
-                        f"frames or tokens changed after vision layer {last_wanted[name]}, whose {name} a strategy needs"
-                    )
-        state.meta[_POOLED_STATS] = kept
-        return state
+    def vision_mlp_block(self, index: int, hidden: Tensor, video: VideoInput) -> Tensor:
+        """The second half of a SigLIP encoder layer: pre-norm MLP plus residual."""
+        layer = self.vision.encoder.layers[index]
+        return hidden + layer.mlp(layer.layer_norm2(hidden))
 
-    def _vision_statistics(self, layer: torch.nn.Module, state: EncoderState, names: set[str], ledger: TokenLedger,
-                           index: int, stack: CompressionStack) -> dict[str, Tensor]:
-        """The requested statistics of one SigLIP layer from its input (q/k recomputed, never eager attention)."""
-        if not names:
-            return {}
-        frames, tokens = state.hidden.shape[:2]
-        with stack.clock.stage("token_processing"):
-            attn = layer.self_attn
-            q, k = self._vision_qk(layer, state.hidden, queries=bool(names & {"attention", "saliency"}))
-            bias = _log_sizes(state.sizes)
-            out = {}
-            if "attention" in names:
-                out["attention"] = received_attention(q, k, attn.scale, bias=bias)
-            if "keys" in names:
-                out["keys"] = head_mean(k)
-            if "saliency" in names:
-                out["saliency"] = mean_query_saliency(q, k, attn.scale, bias=bias)
-        ledger.attention_stats.append(vision_stat_record(names, index, frames, tokens))
-        return out
+    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput) -> int | None:
+        return None  # every frame attends within itself
 
-    @staticmethod
-    def _vision_qk(layer: torch.nn.Module, hidden: Tensor, queries: bool = True) -> tuple[Tensor | None, Tensor]:
+    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput) -> QK:
         """Queries (when asked) and keys of one SigLIP layer for its input, (frames, heads, tokens, head_dim)."""
+        layer = self.vision.encoder.layers[index]
         attn = layer.self_attn
         x = layer.layer_norm1(hidden)
         shape = (*x.shape[:2], attn.num_heads, attn.head_dim)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
-        return (attn.q_proj(x).view(shape).transpose(1, 2) if queries else None), k
+        q = attn.q_proj(x).view(shape).transpose(1, 2) if queries else None
+        return QK(q, k, attn.scale)
 
-    def _received_attention(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
-        """Mean received attention of one SigLIP layer for ``hidden`` (its input), as strategies get it."""
-        q, k = self._vision_qk(layer, hidden)
-        return received_attention(q, k, layer.self_attn.scale)
+    def vision_to_llm(self, hidden: Tensor, grid: tuple[int, int], stats: dict[str, Tensor],
+                      video: VideoInput) -> VisionOutput:
+        """Projector, bilinear 2x2 pooling of each frame's grid (statistics alike), the newline feature."""
+        features = self.model.model.multi_modal_projector(hidden)
+        frames, n_tok = features.shape[:2]
+        if grid != (0, 0) and grid[0] * grid[1] == n_tok:
+            h, w = grid
+            pooled = bilinear_halve(features.view(frames, h, w, -1))
+            stats = {name: bilinear_halve(v.view(frames, h, w, -1).float()) for name, v in stats.items()}
+        else:  # no grid left (tokens merged inside the encoder): no pooling, one row of tokens
+            pooled = features.view(frames, 1, n_tok, -1)
+            stats = {name: v.view(frames, 1, n_tok, -1).float() for name, v in stats.items()}
+        stats = {name: v[..., 0] if name != "keys" else v for name, v in stats.items()}
+        newline = self.model.model.image_newline[None, :].to(pooled.dtype)
+        return VisionOutput(pooled, stats, newline)
 
-    @staticmethod
-    def _attention_block(layer: torch.nn.Module, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        """The first half of a SigLIP encoder layer: pre-norm self-attention plus residual."""
-        out, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden), attention_mask=mask)
-        return hidden + out
+    # ---- language model ----------------------------------------------------------------------
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(config=self.language_model.config)
 
-    @staticmethod
-    def _mlp_block(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
-        """The second half of a SigLIP encoder layer: pre-norm MLP plus residual."""
-        return hidden + layer.mlp(layer.layer_norm2(hidden))
+    def forward_llm(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        out = self.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1])
 
-    def _decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
-                    past_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
+                   past_keys: Tensor | None = None) -> QK:
         """Rotated queries of the entries ``query_idx`` (heads, Q, head_dim) and keys of every entry,
         after ``past_keys`` (a layer's cache, already rotated) when given, KV heads repeated (heads, L, head_dim)."""
         attn = layer.self_attn
@@ -434,102 +328,4 @@ class LlavaOnevisionAdapter:
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         if past_keys is not None:
             k = torch.cat([past_keys.to(k.dtype), k], dim=2)
-        return q[0], repeat_kv(k, attn.num_key_value_groups)[0]
-
-    def _last_token_attention(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings,
-                              past_keys: Tensor | None = None) -> Tensor:
-        """Head-averaged attention row of the last entry over every key (and the cache's, when given)."""
-        last = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
-        q, k = self._decoder_qk(layer, hidden, position_embeddings, last, past_keys)
-        return last_query_attention(q[:, 0], k, layer.self_attn.scaling)
-
-    def _text_attention(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor) -> Tensor:
-        """Attention from the entries ``query_idx`` (causal) to every entry, max over heads and queries."""
-        q, k = self._decoder_qk(layer, hidden, position_embeddings, query_idx)
-        return text_query_attention(q, k, query_idx, layer.self_attn.scaling)
-
-    @torch.no_grad()
-    def run(self, pixels: Tensor, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
-            min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None) -> RunOutput:
-        """Encode, prefill and greedily decode; with ``forced_ids``, decode teacher-forced on those ids
-        and return the model's own argmax at each step as ``new_ids`` (for fidelity)."""
-        ledger = TokenLedger()
-        clock = StageClock(self.device)
-        stack.start(seed, clock)
-        hooks = None
-        try:
-            with clock.stage("ttft"):
-                with clock.stage("vision"):
-                    tokens = self.encode(pixels, stack, ledger)
-                ids, start = self.prompt_ids(prompt, tokens.num_tokens)
-                embeds = self.language_model.embed_tokens(ids)
-                embeds[0, start : start + tokens.num_tokens] = tokens.features.to(embeds.dtype)
-                ledger.text_tokens = ids.shape[1] - tokens.num_tokens
-                ledger.newline_tokens = int(tokens.is_newline.sum())
-                positions = self._positions(ids.shape[1], start, tokens, ledger.visual_tokens_before_pre_llm)
-                visual_mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=self.device)
-                visual_mask[start : start + tokens.num_tokens] = True
-                visual_group = torch.full((ids.shape[1],), -1, dtype=torch.long, device=self.device)
-                if tokens.group is not None:
-                    visual_group[start : start + tokens.num_tokens] = tokens.group.to(self.device)
-                cache = DecoderCache(config=self.language_model.config)
-                hooks = attach_decoder_hooks(self, stack, cache, visual_mask, visual_group, ledger)
-                with clock.stage("prefill"):
-                    logits = self._prefill(embeds, positions, cache)
-                    if hooks is not None:
-                        hooks.end_prefill()
-                    limit = len(forced_ids) if forced_ids is not None else max_new_tokens
-                    first = self._choose(logits, 0, min_new_tokens)
-            with clock.stage("decode"):
-                new_ids = self._decode(cache, first, int(positions[0, -1]) + 1, limit, min_new_tokens, forced_ids)
-        finally:
-            if hooks is not None:
-                hooks.remove()
-        if not ledger.llm_layers:
-            ledger.llm_layers = [ids.shape[1]] * self.info.llm_layers
-        ledger.new_tokens = len(new_ids)
-        exclusive = clock.exclusive_ms()
-        timings = {
-            "ttft_ms": clock.inclusive_ms("ttft"),
-            "vision_ms": exclusive.get("vision", 0.0),
-            "token_processing_ms": exclusive.get("token_processing", 0.0),
-            "prefill_ms": exclusive.get("prefill", 0.0),
-            "other_ms": exclusive.get("ttft", 0.0),
-            "decode_ms": exclusive.get("decode", 0.0),
-        }
-        timings["total_ms"] = timings["ttft_ms"] + timings["decode_ms"]
-        return RunOutput(new_ids, self.decode_text(new_ids), logits[0].detach().float().cpu().clone(), ledger, timings)
-
-    def _positions(self, length: int, start: int, tokens: VisualTokens, uncompressed: int) -> Tensor:
-        """Position ids of the prompt: contiguous, or with the video's original positions (gaps kept)."""
-        if not tokens.original_positions:
-            return torch.arange(length, device=self.device)[None]
-        after = length - start - tokens.num_tokens
-        return torch.cat([torch.arange(start, device=self.device), start + tokens.position_offsets().to(self.device),
-                          start + uncompressed + torch.arange(after, device=self.device)])[None]
-
-    def _prefill(self, embeds: Tensor, positions: Tensor, cache) -> Tensor:
-        out = self.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
-        return self.model.lm_head(out.last_hidden_state[:, -1])
-
-    def _choose(self, logits: Tensor, step: int, min_new_tokens: int) -> int:
-        """Greedy choice; EOS is suppressed before ``min_new_tokens`` (as transformers' processor does)."""
-        eos = self.eos_ids()
-        if step < min_new_tokens and eos:
-            logits = logits.float().clone()
-            logits[:, sorted(eos)] = float("-inf")
-        return int(logits.argmax(-1))
-
-    def _decode(self, cache, first: int, next_position: int, limit: int, min_new_tokens: int,
-                forced_ids: list[int] | None) -> list[int]:
-        lm, eos, new_ids = self.language_model, self.eos_ids(), [first]
-        for step in range(1, limit):
-            fed = forced_ids[step - 1] if forced_ids is not None else new_ids[-1]
-            if forced_ids is None and fed in eos:
-                break
-            out = lm(inputs_embeds=lm.embed_tokens(torch.tensor([[fed]], device=self.device)),
-                     position_ids=torch.tensor([[next_position + step - 1]], device=self.device),
-                     past_key_values=cache, use_cache=True)
-            new_ids.append(self._choose(self.model.lm_head(out.last_hidden_state[:, -1]), step, min_new_tokens))
-        self._sync()
-        return new_ids
+        return QK(q[0], repeat_kv(k, attn.num_key_value_groups)[0], attn.scaling)

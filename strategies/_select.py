@@ -15,7 +15,7 @@ from tokcomp.strategy import Strategy, check_ratio
 
 @dataclass
 class PerFrameSelection(Strategy):
-    """Keep ``ratio`` of every frame's tokens, chosen by ``select``; the newline token is always kept."""
+    """Keep ``ratio`` of every frame's tokens, chosen by ``select``."""
 
     ratio: float = 0.25
 
@@ -35,5 +35,4 @@ class PerFrameSelection(Strategy):
         for members in groups(state.frame):
             chosen = self.select(state, members, keep_count(members.numel(), self.ratio))
             kept.append(members[chosen.to(members.device)])
-        kept.append(torch.nonzero(state.is_newline, as_tuple=False).flatten())
         state.keep(torch.sort(torch.cat(kept)).values)

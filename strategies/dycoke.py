@@ -82,12 +82,11 @@ class TemporalTokenMerging(Strategy):
             return
         chosen = ttm_select(state.features[members], self.k, self.spatial_order)
         kept = [members[f][c.to(members.device)] for f, c in enumerate(chosen)]
-        kept.append(torch.nonzero(state.is_newline, as_tuple=False).flatten().to(members.device))
         state.keep(torch.cat(kept))
 
     def _frame_tokens(self, state: VisualTokens) -> Tensor | None:
         """(T, P) token indices, frame by frame; every frame must hold the same grid positions."""
-        frame = state.frame.masked_fill(state.is_newline, -1)
+        frame = state.frame
         per_frame = groups(frame)
         if not per_frame:
             return None

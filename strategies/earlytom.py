@@ -173,8 +173,7 @@ class DecoupledSelect(Strategy):
             kept = [select(True), static.result()]
         else:
             kept = [select(True), select(False)]
-        newline = torch.nonzero(state.is_newline, as_tuple=False).flatten()
-        state.keep(torch.cat([torch.sort(torch.cat(kept)).values, newline]))
+        state.keep(torch.sort(torch.cat(kept)).values)
 
     def _pick(self, scores: Tensor | None, frames: int, tokens: int, dynamic: bool, r_hat: float,
               grid: tuple[int, int]) -> Tensor:

@@ -100,25 +100,20 @@ class FastVID(Strategy):
             raise ConfigError(f"strategy {self.name!r} received no saliency (the adapter must deliver "
                               "encoder_saliency_layers' statistic at pre-LLM)")
         members = groups(state.frame)
-        newline = torch.nonzero(state.is_newline, as_tuple=False).flatten()
-        if members:
-            global_features = torch.stack([state.features[m].float().mean(dim=0) for m in members])
-            kept, features = fastvid_select(
-                state.features, members, state.saliency.to(state.features.device), global_features,
-                ratio=self.ratio, c=self.dyseg_c, tau=self.dyseg_tau, d=self.stprune_d, p=self.dtm_p,
-                beta=self.dtm_beta, k=self.density_k,
-            )
-        else:
-            kept, features = newline[:0], state.features[:0]
-        kept, features = torch.cat([kept, newline]), torch.cat([features, state.features[newline]])
-        order = torch.argsort(kept)  # original index order; the newline comes last in it
+        global_features = torch.stack([state.features[m].float().mean(dim=0) for m in members])
+        kept, features = fastvid_select(
+            state.features, members, state.saliency.to(state.features.device), global_features,
+            ratio=self.ratio, c=self.dyseg_c, tau=self.dyseg_tau, d=self.stprune_d, p=self.dtm_p,
+            beta=self.dtm_beta, k=self.density_k,
+        )
+        order = torch.argsort(kept)  # original index order
         kept, features = kept[order], features[order]
 
         def take(t):
             return None if t is None else t[kept.to(t.device)]
 
         state.replace(
-            features, state.frame[kept], state.row[kept], state.col[kept], state.is_newline[kept],
+            features, state.frame[kept], state.row[kept], state.col[kept],
             state.source[kept], scores=take(state.scores), keys=take(state.keys),
             saliency=take(state.saliency), group=take(state.group),
         )

@@ -225,17 +225,13 @@ class OuterMerge(Strategy):
             feats.append(state.features[part])
             geometry.append(part)
             token_scores.append(state.scores[part].float())
-        newline = torch.nonzero(state.is_newline, as_tuple=False).flatten()
-        feats.append(state.features[newline])
-        geometry.append(newline)
-        token_scores.append(state.scores[newline].float())
         index = torch.cat(geometry)
 
         def carried(t: Tensor | None) -> Tensor | None:  # other strategies' per-token data: the centre's
             return None if t is None else t[index.to(t.device)]
 
         state.replace(torch.cat([f.to(state.features.dtype) for f in feats]), frame=state.frame[index],
-                      row=state.row[index], col=state.col[index], is_newline=state.is_newline[index],
+                      row=state.row[index], col=state.col[index],
                       source=state.source[index], scores=torch.cat(token_scores), keys=carried(state.keys),
                       saliency=carried(state.saliency), group=carried(state.group))
 

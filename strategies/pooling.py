@@ -35,23 +35,12 @@ class Pooling(Strategy):
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         h, w = state.grid
         frames = state.num_frames
-        grid_tokens = ~state.is_newline
-        if int(grid_tokens.sum()) != frames * h * w:
-            raise ConfigError("strategy 'pooling' needs every frame's full token grid (put it first at pre_llm)")
+        grid = state.features[state.frame_grid(self.name)].view(frames, h, w, -1)
         out_h, out_w = side_for_ratio(h, self.ratio), side_for_ratio(w, self.ratio)
-        grid = state.features[grid_tokens].view(frames, h, w, -1)
         pooled = average_pool_grid(grid, out_h, out_w).reshape(frames * out_h * out_w, -1)
         dev = pooled.device
         cells = torch.arange(out_h * out_w, device=dev).repeat(frames)
         row, col = (cells // out_w) * h // out_h, (cells % out_w) * w // out_w
         frame = torch.arange(frames, device=dev).repeat_interleave(out_h * out_w)
-        nl = state.is_newline
-        state.replace(
-            features=torch.cat([pooled, state.features[nl]]),
-            frame=torch.cat([frame, state.frame[nl]]),
-            row=torch.cat([row, state.row[nl]]),
-            col=torch.cat([col, state.col[nl]]),
-            is_newline=torch.cat([torch.zeros(pooled.shape[0], dtype=torch.bool, device=dev), state.is_newline[nl]]),
-            source=torch.cat([frame * h * w + row * w + col, state.source[nl]]),
-        )
+        state.replace(features=pooled, frame=frame, row=row, col=col, source=frame * h * w + row * w + col)
         state.grid = (out_h, out_w)

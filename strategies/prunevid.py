@@ -120,12 +120,8 @@ class Outer(Strategy):
         out = merge_frames_dynamic(state.features[grid], self.temporal_segment_ratio, self.tau,
                                    self.cluster_ratio, self.k, self.min_dynamic_tokens)
         source = grid[out.frame.to(grid.device), out.position.to(grid.device)]
-        newline = torch.nonzero(state.is_newline, as_tuple=False).flatten()
-        idx = torch.cat([source, newline])
-        group = torch.cat([out.group.to(idx.device), torch.full((newline.numel(),), -1, device=idx.device)])
-        features = torch.cat([out.features.to(state.features.dtype), state.features[newline]])
-        state.replace(features, state.frame[idx], state.row[idx], state.col[idx], state.is_newline[idx],
-                      state.source[idx], group=group)
+        state.replace(out.features.to(state.features.dtype), state.frame[source], state.row[source],
+                      state.col[source], state.source[source], group=out.group.to(source.device))
         state.meta[SEGMENTS] = out.segments
 
 

@@ -127,15 +127,13 @@ class VisionZip(Strategy):
                                               state.keys.to(idx.device)[idx], dominant, contextual)
             for row, i in enumerate(which):
                 features[i], picked[i] = out[row], idx[row, positions[row]]
-        newline = torch.nonzero(state.is_newline, as_tuple=False).flatten().to(state.features.device)
-        rep = torch.cat([*picked, newline])  # representative (input) index of every output token
-        feats = torch.cat([*features, state.features[newline]])
+        rep = torch.cat(picked)  # representative (input) index of every output token
+        feats = torch.cat(features)
 
         def take(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[rep.to(t.device)]
 
-        state.replace(feats, take(state.frame), take(state.row), take(state.col), take(state.is_newline),
-                      take(state.source), scores=take(state.scores), keys=take(state.keys),
+        state.replace(feats, take(state.frame), take(state.row), take(state.col), take(state.source), scores=take(state.scores), keys=take(state.keys),
                       saliency=take(state.saliency), group=take(state.group))
 
 

@@ -46,12 +46,18 @@ def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def run_with(adapter, pixels, strategies, max_new_tokens=6, **kw):
+def run_info(adapter, video):
+    """The model's ModelInfo for this video (grids per run)."""
+    return adapter.info.for_video(video.grid, video.llm_grid)
+
+
+def run_with(adapter, video, strategies, max_new_tokens=6, **kw):
+    from tokcomp.pipeline import run
     from tokcomp.stack import CompressionStack
 
-    stack = CompressionStack(strategies, adapter.info)
+    stack = CompressionStack(strategies, run_info(adapter, video))
     try:
-        return adapter.run(pixels, PROMPT, stack, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kw)
+        return run(adapter, video, PROMPT, stack, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kw)
     finally:
         stack.close()
 
@@ -61,16 +67,19 @@ class ManualPrefill:
     ``run_to(k)`` runs decoder layers 0..k-1 on every token; ``finish(keep, k)`` runs the rest on the
     kept sequence entries at their original positions and returns the last position's logits."""
 
-    def __init__(self, adapter, pixels):
+    def __init__(self, adapter, video):
         from tokcomp.ledger import TokenLedger
+        from tokcomp.pipeline import encode_video
         from tokcomp.stack import CompressionStack
 
         self.adapter, self.lm = adapter, adapter.language_model
-        tokens = adapter.encode(pixels, CompressionStack([], adapter.info), TokenLedger())
-        ids, self.start = adapter.prompt_ids(PROMPT, tokens.num_tokens)
+        tokens, specials = encode_video(adapter, video, CompressionStack([], run_info(adapter, video)), TokenLedger())
+        layout = adapter.prompt(PROMPT, video, tokens.num_tokens + specials.shape[0])
+        ids, self.start = layout.ids, layout.start
         self.num_visual, self.length = tokens.num_tokens, ids.shape[1]
         self.hidden = self.lm.embed_tokens(ids)
         self.hidden[0, self.start : self.start + self.num_visual] = tokens.features
+        self.hidden[0, self.start + self.num_visual : self.start + self.num_visual + specials.shape[0]] = specials
         self.pos = torch.arange(self.length)[None]
         self.cos, self.sin = self.lm.rotary_emb(self.hidden, self.pos)
 
@@ -90,7 +99,9 @@ class ManualPrefill:
             h_in = h
             h = layer(h, attention_mask=None, position_embeddings=(self.cos, self.sin), position_ids=self.pos)
         self.hidden = h
-        return self.adapter._last_token_attention(self.lm.layers[k - 1], h_in, (self.cos, self.sin))
+        from tokcomp.decoding import last_token_attention
+
+        return last_token_attention(self.adapter, self.lm.layers[k - 1], h_in, (self.cos, self.sin))
 
     def finish(self, keep: torch.Tensor, k: int) -> torch.Tensor:
         h, cos, sin, pos = self.hidden[:, keep], self.cos[:, keep], self.sin[:, keep], self.pos[:, keep]

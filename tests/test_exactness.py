@@ -8,8 +8,9 @@ import torch
 from tests.conftest import PROMPT, model_spec, run_with
 
 
-def stock_outputs(adapter, pixels, n_visual, max_new_tokens):
-    ids, _ = adapter.prompt_ids(PROMPT, n_visual)
+def stock_outputs(adapter, video, n_visual, max_new_tokens):
+    ids = adapter.prompt(PROMPT, video, n_visual).ids
+    pixels = video.pixels
     with torch.no_grad():
         logits = adapter.model(input_ids=ids, pixel_values_videos=pixels[None]).logits[0, -1].float()
         generated = adapter.model.generate(input_ids=ids, pixel_values_videos=pixels[None], do_sample=False,
@@ -19,7 +20,8 @@ def stock_outputs(adapter, pixels, n_visual, max_new_tokens):
 
 def assert_matches_stock(adapter, pixels, max_new_tokens=6, atol=1e-5):
     out = run_with(adapter, pixels, [], max_new_tokens=max_new_tokens)
-    logits, ids = stock_outputs(adapter, pixels, out.ledger.visual_tokens_after_pre_llm, max_new_tokens)
+    n_visual = out.ledger.visual_tokens_after_pre_llm + out.ledger.special_tokens
+    logits, ids = stock_outputs(adapter, pixels, n_visual, max_new_tokens)
     assert out.new_ids == ids
     torch.testing.assert_close(out.prefill_logits, logits, atol=atol, rtol=1e-4)
 
@@ -37,7 +39,7 @@ def test_ledger_of_uncompressed_run_counts_every_token(tiny, pixels):
     ledger = run_with(tiny, pixels, []).ledger
     side = tiny.info.vision_grid[0]
     assert [(e.frames, e.tokens_per_frame) for e in ledger.vision_layers] == [(8, side * side)] * tiny.info.vision_layers
-    assert ledger.visual_tokens_after_pre_llm == 8 * 16 + 1
+    assert ledger.visual_tokens_after_pre_llm == 8 * 16 and ledger.special_tokens == 1
     assert ledger.llm_layers == [ledger.text_tokens + 8 * 16 + 1] * tiny.info.llm_layers
     assert ledger.retained_ratio == 1.0
 

@@ -1,26 +1,4 @@
-"""Prefill FLOPs of one run, read from its token ledger, under two protocols.
-
-Both protocols read only the ``TokenLedger`` (what actually ran) and a ``ModelDims`` (the model's
-sizes), so the counter knows nothing about any model module or strategy. All values are in T
-(1e12 units).
-
-``paper`` reproduces the EarlyTom tables (see ``/work/shared/specs/flops-protocol.md``, section 2):
-Eq. 8, ``F(L; D, M) = 4LD^2 + 2L^2D + 2LDM`` multiply-adds counted once (no factor 2, no GQA, no
-SwiGLU third matrix, no patch embedding, projector or lm_head). The vision encoder is counted as if
-all frames were one long sequence, and the LLM sees only the video tokens (text and the newline
-token are ignored). It reproduces the OneVision 0.5B/7B rows of Tables 1, 2 and 6 (vanilla,
-VisionZip/FastVID/DyCoke, FastV, HoliTom, LLaVA-Video vanilla, and EarlyTom's vision term given its
-per-layer frame counts) to within 1% after rounding to 0.1 T; HoliTom OV-7B 25% gives 48.945, which
-rounds to 48.9 where the paper prints 49.0.
-
-``exact`` counts what the hardware does in our adapter, 2 FLOPs per multiply-add: the patch
-embedding, SigLIP layers with per-frame attention (frames are the batch), the 2-layer projector on
-every frame token, the Qwen2 prefill on the whole prompt (text, visual tokens and newline) with
-GQA K/V, full (uncausal) L^2 attention as the kernels compute it and a 3-matrix SwiGLU MLP, plus
-lm_head on the last position only. Attention statistics that strategies compute outside the model's
-own forward are reported separately as ``strategy_T``. Norms, softmax, activations, rotary
-embeddings and the bilinear pooling are elementwise and not counted.
-"""
+"""Prefill FLOPs (provisional docstring)."""
 
 from __future__ import annotations
 
@@ -36,20 +14,29 @@ TERA = 1e12
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes a FLOPs count needs; built from a model config under ``tokcomp.models``."""
+    """The sizes a FLOPs count needs; built from a model config under ``tokcomp.models``.
+
+    "Frame" fields count per encoder *row*: one input frame (LLaVA-OV) or one temporal patch of
+    ``temporal_patch_size`` frames (Qwen2.5-VL). Qwen2.5-VL runs at a dynamic resolution, so its
+    per-row fields (``image_size``, ``vision_tokens_per_frame``, ``pooled_tokens_per_frame``) describe
+    one chosen grid, or are 0; the counter itself reads per-row counts from the ledger only.
+
+    The fields after ``vocab_size`` have defaults that describe LLaVA-OneVision (SigLIP + a 2-layer
+    projector on every token), so LLaVA dims and counts are unchanged by them.
+    """
 
     vision_layers: int
     vision_hidden: int
     vision_intermediate: int
     vision_heads: int
     patch_size: int
-    image_size: int
+    image_size: int  # side (px) of the square input the per-row counts refer to; 0: dynamic resolution
     channels: int
-    vision_tokens_per_frame: int
-    projector_in: int
+    vision_tokens_per_frame: int  # patches per row at image_size
+    projector_in: int  # width of one projector input: projector_group tokens concatenated
     projector_hidden: int
     projector_out: int
-    pooled_tokens_per_frame: int
+    pooled_tokens_per_frame: int  # LLM tokens per row (after pooling or merging)
     llm_layers: int
     llm_hidden: int
     llm_intermediate: int
@@ -57,6 +44,20 @@ class ModelDims:
     llm_kv_heads: int
     llm_head_dim: int
     vocab_size: int
+    vision_mlp_matrices: int = 2  # 2: fc1/fc2 (SigLIP's GELU MLP); 3: gate/up/down (Qwen2.5-VL's SwiGLU)
+    temporal_patch_size: int = 1  # frames in one 3-D patch (Qwen2.5-VL: 2)
+    projector_group: int = 1  # encoder tokens concatenated per projector input (Qwen2.5-VL's 2x2 merger: 4)
+    vision_head_dim: int | None = None  # None: vision_hidden // vision_heads
+
+    @property
+    def vision_attention_width(self) -> int:
+        """Width of the vision attention space (heads x head_dim), equal to vision_hidden in both families."""
+        return self.vision_hidden if self.vision_head_dim is None else self.vision_heads * self.vision_head_dim
+
+    @property
+    def patch_embed_macs(self) -> int:
+        """One patch through the patch-embedding conv: a (channels x tp x p x p) -> vision_hidden matmul."""
+        return self.channels * self.temporal_patch_size * self.patch_size**2 * self.vision_hidden
 
     @property
     def llm_attention_width(self) -> int:
@@ -91,24 +92,20 @@ def eq8_layer(length: int, hidden: int, intermediate: int) -> int:
     return 4 * length * hidden**2 + 2 * length**2 * hidden + 2 * length * hidden * intermediate
 
 
-def newline_tokens(ledger: TokenLedger) -> int:
-    """Newline tokens among the visual tokens that reached the LLM.
-
-    A ledger without the ``newline_tokens`` field predates it and had LLaVA-OV's single newline.
-    """
-    if ledger.visual_tokens_after_pre_llm <= 0:
-        return 0
-    return int(getattr(ledger, "newline_tokens", 1))
+def special_tokens(ledger: TokenLedger) -> int:
+    """Special tokens the framework spliced in with the video (LLaVA-OV's newline: 1; Qwen2.5-VL: 0)."""
+    return int(ledger.special_tokens)
 
 
 def paper_video_tokens(ledger: TokenLedger) -> list[int]:
-    """Video tokens alive at each decoder layer: the paper ignores text and the newline token."""
-    other = ledger.text_tokens + newline_tokens(ledger)
+    """Video tokens alive at each decoder layer: the paper ignores text and special (newline) tokens."""
+    other = ledger.text_tokens + special_tokens(ledger)
     return [max(0, n - other) for n in ledger.llm_layers]
 
 
 def eq8_vision_layer(entry: VisionLayerEntry, dims: ModelDims) -> int:
-    """Eq. 8 with the FFN term on the tokens the MLP saw (fewer when tokens merge mid-layer, as ToMe does)."""
+    """Eq. 8 on all of the layer's tokens as one sequence, with the FFN term on the tokens the MLP saw
+    (fewer when tokens merge mid-layer, as ToMe does). Windows, rows and SwiGLU are ignored, as in the paper."""
     d, m = dims.vision_hidden, dims.vision_intermediate
     return eq8_layer(entry.tokens, d, m) - 2 * (entry.tokens - entry.mlp_tokens) * d * m
 
@@ -120,31 +117,42 @@ def _paper(ledger: TokenLedger, dims: ModelDims) -> FlopsReport:
 
 
 # ---- exact protocol (multiply-adds of what the adapter runs; reported x2 as FLOPs) ----------------
-def vision_layer_macs(frames: int, tokens: int, dims: ModelDims, mlp_tokens: int | None = None) -> int:
-    """One SigLIP layer on ``frames`` images of ``tokens`` each: attention stays within a frame.
+def vision_layer_macs(frames: int, tokens: int, dims: ModelDims, mlp_tokens: int | None = None,
+                      attention_pairs: int | None = None) -> int:
+    """One encoder layer on ``frames`` rows of ``tokens`` each.
 
-    ``mlp_tokens``: tokens per frame the MLP sees, when tokens merge between attention and MLP."""
-    d, m = dims.vision_hidden, dims.vision_intermediate
+    Q/K/V/O projections of every token (SigLIP's four Linears, Qwen's fused qkv plus proj), QK^T and
+    AV over ``attention_pairs`` query-key pairs (sum of segment_length^2 over the layer's attention
+    segments: Qwen's windows, or whole rows; default every row attends fully, frames x tokens^2),
+    and a ``vision_mlp_matrices``-matrix MLP. ``mlp_tokens``: tokens per row the MLP sees, when
+    tokens merge between attention and MLP.
+    """
+    d, m, a = dims.vision_hidden, dims.vision_intermediate, dims.vision_attention_width
     mlp = tokens if mlp_tokens is None else mlp_tokens
-    return frames * (4 * tokens * d**2 + 2 * tokens**2 * d + 2 * mlp * d * m)
+    pairs = frames * tokens**2 if attention_pairs is None else attention_pairs
+    return frames * (4 * tokens * d * a + dims.vision_mlp_matrices * mlp * d * m) + 2 * pairs * a
 
 
 def vision_macs(ledger: TokenLedger, dims: ModelDims) -> int:
-    """Patch embedding (a strided conv, one matmul per patch) of the input frames plus every layer."""
-    patch = dims.channels * dims.patch_size**2 * dims.vision_hidden
+    """Patch embedding (a strided 2-D or 3-D conv, one matmul per patch) of the input plus every layer."""
     embedded = ledger.embedded_tokens or (ledger.vision_layers[0].tokens if ledger.vision_layers else 0)
-    return embedded * patch + sum(vision_layer_macs(e.frames, e.tokens_per_frame, dims, e.mlp_tokens_per_frame)
-                                  for e in ledger.vision_layers)
+    layers = sum(vision_layer_macs(e.frames, e.tokens_per_frame, dims, e.mlp_tokens_per_frame,
+                                   e.attention_pairs) for e in ledger.vision_layers)
+    return embedded * dims.patch_embed_macs + layers
 
 
 def projector_macs(ledger: TokenLedger, dims: ModelDims) -> int:
-    """Linear -> GELU -> Linear on every frame token leaving the encoder.
+    """Linear -> GELU -> Linear on every projector input leaving the encoder.
 
-    The bilinear 2x2 pooling that follows is an interpolation, not a matmul, so it counts 0.
+    LLaVA-OV: every frame token is one input (``projector_group`` 1); the bilinear 2x2 pooling that
+    follows is an interpolation, not a matmul, so it counts 0. Qwen2.5-VL's patch merger
+    concatenates the 4 patches of each 2x2 unit of a row (``projector_group`` 4) into one input
+    (a partial group would be one more input); its RMSNorm counts 0.
     """
-    tokens = ledger.vision_out_frames * ledger.vision_out_tokens_per_frame
-    per_token = dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
-    return tokens * per_token
+    group = dims.projector_group
+    inputs = ledger.vision_out_frames * -(-ledger.vision_out_tokens_per_frame // group)
+    per_input = dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
+    return inputs * per_input
 
 
 def llm_layer_macs(length: int, dims: ModelDims) -> int:
@@ -169,16 +177,16 @@ def decode_step_macs(ledger: TokenLedger, dims: ModelDims) -> int:
 def attention_stat_macs(stat: dict, dims: ModelDims) -> int:
     """Extra work of one attention statistic a strategy asked for (softmax and means not counted).
 
-    Vision: q and k projections of every token and the full per-frame QK^T; keys alone: the k
-    projection; saliency: q and k projections and one (mean) query row per frame. LLM: q of the
+    Vision: q and k projections of every token and the full per-row QK^T; keys alone: the k
+    projection; saliency: q and k projections and one (mean) query row per row. LLM: q of the
     last token (or of the ``queries`` text tokens after the video), k of every token (GQA width)
     and those query rows against all keys.
     """
     where = stat["where"]
     if where.startswith("vision"):
-        t, d = stat["tokens"], dims.vision_hidden
-        per_frame = {"vision": 2 * t * d**2 + t**2 * d, "vision_keys": t * d**2,
-                     "vision_saliency": 2 * t * d**2 + t * d}.get(where)
+        t, d, a = stat["tokens"], dims.vision_hidden, dims.vision_attention_width
+        per_frame = {"vision": 2 * t * d * a + t**2 * a, "vision_keys": t * d * a,
+                     "vision_saliency": 2 * t * d * a + t * a}.get(where)
         if per_frame is not None:
             return stat["frames"] * per_frame
     if where in ("llm", "llm_text"):

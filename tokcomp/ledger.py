@@ -16,6 +16,7 @@ class VisionLayerEntry:
     frames: int
     tokens_per_frame: int
     mlp_tokens_per_frame: int | None = None  # set when tokens merge between attention and MLP (ToMe)
+    attention_pairs: int | None = None  # sum of segment_length**2 over attention segments (windows); None: full rows
 
     @property
     def tokens(self) -> int:
@@ -38,7 +39,8 @@ class TokenLedger:
     visual_tokens_before_pre_llm: int = 0
     visual_tokens_after_pre_llm: int = 0
     text_tokens: int = 0
-    newline_tokens: int = 1  # of the visual tokens spliced in, how many are newline tokens (LLaVA-OV: one)
+    special_tokens: int = 0  # spliced with the video and kept by the framework (LLaVA-OV's newline: 1; Qwen: 0)
+    uncompressed_visual_tokens: int = 0  # content tokens the uncompressed model would give the LLM for this input
     llm_layers: list[int] = field(default_factory=list)
     cache_lengths: list[int] = field(default_factory=list)  # KV entries per layer after prefill, when cut (else llm_layers)
     new_tokens: int = 0
@@ -54,11 +56,11 @@ class TokenLedger:
 
     @property
     def retained_ratio(self) -> float:
-        """Visual tokens reaching the LLM over those the uncompressed model would give it."""
-        if self.visual_tokens_before_pre_llm == 0:
+        """Visual content tokens reaching the LLM over those the uncompressed model would give it
+        (special tokens such as LLaVA's newline are kept by the framework and not counted)."""
+        if self.uncompressed_visual_tokens <= 0:
             return 0.0
-        full = self.input_frames * self.pooled_tokens_per_frame + 1
-        return self.visual_tokens_after_pre_llm / full
+        return self.visual_tokens_after_pre_llm / self.uncompressed_visual_tokens
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,6 +70,12 @@ class TokenLedger:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenLedger:
+        data = dict(data)
+        if "newline_tokens" in data and "special_tokens" not in data:  # ledgers written before special tokens
+            data["special_tokens"] = data["newline_tokens"]
+            for key in ("visual_tokens_before_pre_llm", "visual_tokens_after_pre_llm"):
+                if key in data:  # they counted the newline among the visual tokens
+                    data[key] = max(0, data[key] - data["special_tokens"])
         data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         data["vision_layers"] = [VisionLayerEntry(**e) for e in data.get("vision_layers", [])]
         return cls(**data)

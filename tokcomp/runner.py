@@ -25,6 +25,7 @@ from tokcomp.config import flatten, to_yaml
 from tokcomp.errors import ConfigError, TokcompError
 from tokcomp.fidelity import fidelity_metrics
 from tokcomp.flops import count_all
+from tokcomp.pipeline import run as run_pipeline
 from tokcomp.plugins import Plugins
 from tokcomp.stack import CompressionStack
 from tokcomp.strategy import Strategy
@@ -171,7 +172,8 @@ class ExperimentRunner:
         self.trace = trace
         self.adapters = adapters or AdapterCache()
         self.adapter: Any = None
-        self.pixels: torch.Tensor | None = None
+        self.video: Any = None  # tokcomp.adapter.VideoInput
+        self.info: Any = None  # the model's ModelInfo for this run's video
 
     @property
     def generation(self) -> dict[str, int]:
@@ -191,16 +193,24 @@ class ExperimentRunner:
                 f"max_new_tokens={g.max_new_tokens}, min_new_tokens={g.min_new_tokens}"
             )
         frames = load_frames(cfg.input)
+        if self.preset.describe is not None:  # capabilities and layer ranges from the config alone, before weights
+            self._check_strategies(self.preset.describe(cfg.model)[0])
         adapter = self.adapters.get(self.preset, cfg.model, log)
+        video = adapter.preprocess(frames)
+        self.info = adapter.info.for_video(video.grid, video.llm_grid)
+        self._check_strategies(self.info)
+        self.adapter, self.video = adapter, video
+        for _ in range(cfg.timing.warmup):
+            run_pipeline(adapter, video, cfg.input.prompt, CompressionStack([], self.info), **self.generation)
+
+    def _check_strategies(self, info) -> None:
         for conf_name, strategies in self.strategies.items():
             for i, strategy in enumerate(strategies):
                 try:
-                    strategy.check(adapter.info)
+                    strategy.check_model(info)
+                    strategy.check(info)
                 except ConfigError as exc:
                     raise ConfigError(f"configurations.{conf_name}.strategies.{i}: {exc}") from exc
-        self.adapter, self.pixels = adapter, adapter.preprocess(frames)
-        for _ in range(cfg.timing.warmup):
-            adapter.run(self.pixels, cfg.input.prompt, CompressionStack([], adapter.info), **self.generation)
 
     def base_tags(self) -> dict[str, str]:
         cfg, adapter = self.cfg, self.adapter
@@ -271,18 +281,18 @@ class ExperimentRunner:
         params.update({"configuration": conf_name, "seed": cfg.seed})
         tracker.log_params(run_id, params)
         tracker.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
-        stack = CompressionStack(strategies, adapter.info, trace=self.trace)
+        stack = CompressionStack(strategies, self.info, trace=self.trace)
         try:
             with PeakMemory(adapter.device) as memory:
-                outs = [adapter.run(self.pixels, cfg.input.prompt, stack, **self.generation)
+                outs = [run_pipeline(adapter, self.video, cfg.input.prompt, stack, **self.generation)
                         for _ in range(cfg.timing.repeats)]
             out = outs[-1]
             metrics = run_metrics(outs, memory.peak_mb)
             metrics.update(self._flops_metrics(out.ledger))
             if baseline is not None and not is_baseline:
                 reference = baseline()
-                forced = adapter.run(self.pixels, cfg.input.prompt, stack, forced_ids=reference.new_ids,
-                                     **self.generation)
+                forced = run_pipeline(adapter, self.video, cfg.input.prompt, stack, forced_ids=reference.new_ids,
+                                      **self.generation)
                 metrics.update(fidelity_metrics(reference, out, forced.new_ids))
             tracker.log_metrics(run_id, metrics)
             tracker.log_json(run_id, out.ledger.to_dict(), "ledger.json")

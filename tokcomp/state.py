@@ -95,17 +95,20 @@ class EncoderState:
 
 @dataclass
 class VisualTokens:
-    """The visual tokens about to be spliced into the prompt, with their geometry.
+    """The visual content tokens about to be spliced into the prompt, with their geometry.
 
     ``source`` is each token's index in the uncompressed pre-LLM sequence (or that of a
-    representative, for merged tokens), which is what "source positions" means downstream.
+    representative, for merged tokens): the splice takes position ids from it when original
+    positions are kept (always on M-RoPE models), so a strategy never handles positions itself.
+    ``frame`` is the row (frame, or temporal patch) a token comes from; ``row``/``col`` its place in
+    that row's LLM token grid. The model's special tokens (LLaVA's newline) are not here: the
+    framework keeps them and re-emits them after the video.
     """
 
     features: Tensor  # (N, D)
-    frame: Tensor  # (N,) frame row index, -1 for the newline
+    frame: Tensor  # (N,) row index (frame or temporal patch)
     row: Tensor  # (N,)
     col: Tensor  # (N,)
-    is_newline: Tensor  # (N,) bool
     source: Tensor  # (N,)
     frame_sources: list[list[int]]
     grid: tuple[int, int]
@@ -114,9 +117,22 @@ class VisualTokens:
     keys: Tensor | None = None  # (N, head_dim): pooled head-averaged vision keys, on request
     saliency: Tensor | None = None  # (N,): pooled per-frame mean-query attention, on request
     group: Tensor | None = None  # (N,) long labels a strategy sets; reach the LLM as LLMState.visual_group
-    original_positions: bool = False  # True: positions start + source, gaps kept (FastVID)
+    original_positions: bool = False  # True: the kept tokens keep their uncompressed position ids (FastVID)
 
     OPTIONAL = ("scores", "keys", "saliency", "group")
+
+    @classmethod
+    def from_grid(cls, features: Tensor, stats: dict[str, Tensor], frame_sources: list[list[int]],
+                  meta: dict | None = None) -> VisualTokens:
+        """Tokens of (rows, h, w, D) grids in raster order, with statistics (rows, h, w[, C]) pooled alike."""
+        rows, h, w = features.shape[:3]
+        dev = features.device
+        cells = torch.arange(h * w, device=dev).repeat(rows)
+        flat = {name: v.reshape(rows * h * w, *v.shape[3:]).float() for name, v in stats.items()}
+        return cls(features=features.reshape(rows * h * w, -1), frame=torch.arange(rows, device=dev).repeat_interleave(h * w),
+                   row=cells // w, col=cells % w, source=torch.arange(rows * h * w, device=dev),
+                   frame_sources=[list(f) for f in frame_sources], grid=(h, w), scores=flat.get("attention"),
+                   meta=meta if meta is not None else {}, keys=flat.get("keys"), saliency=flat.get("saliency"))
 
     @property
     def num_tokens(self) -> int:
@@ -129,7 +145,7 @@ class VisualTokens:
     def keep(self, indices: Tensor | list[int]) -> None:
         """Keep the given tokens, in the given order (use ascending order for temporal order)."""
         idx = _as_index(indices, self.num_tokens, "pre-LLM keep").to(self.features.device)
-        for name in ("features", "frame", "row", "col", "is_newline", "source"):
+        for name in ("features", "frame", "row", "col", "source"):
             setattr(self, name, getattr(self, name)[idx])
         for name in self.OPTIONAL:
             if getattr(self, name) is not None:
@@ -141,20 +157,23 @@ class VisualTokens:
         frame: Tensor,
         row: Tensor,
         col: Tensor,
-        is_newline: Tensor,
         source: Tensor,
         scores: Tensor | None = None,
         keys: Tensor | None = None,
         saliency: Tensor | None = None,
         group: Tensor | None = None,
     ) -> None:
-        """Replace all tokens at once (for merging strategies); every field must have N entries."""
+        """Replace all tokens at once (for merging strategies); every field must have N entries.
+
+        A merged token takes the geometry (frame, row, col, source) of a representative."""
         n = features.shape[0]
         if features.dim() != 2 or features.shape[1] != self.features.shape[1]:
             raise StrategyContractError(
                 f"pre-LLM replace: features must be (N, {self.features.shape[1]}), got {tuple(features.shape)}"
             )
-        named = (("frame", frame), ("row", row), ("col", col), ("is_newline", is_newline), ("source", source),
+        if n == 0:
+            raise StrategyContractError("pre-LLM replace: keeping no visual tokens at all is not allowed")
+        named = (("frame", frame), ("row", row), ("col", col), ("source", source),
                  ("scores", scores), ("saliency", saliency), ("group", group))
         for name, t in named:
             if t is not None and t.shape != (n,):
@@ -163,33 +182,23 @@ class VisualTokens:
             raise StrategyContractError(f"pre-LLM replace: keys must be ({n}, head_dim), got {tuple(keys.shape)}")
         self.features = features.to(self.features.dtype)
         self.frame, self.row, self.col, self.source = frame.long(), row.long(), col.long(), source.long()
-        self.is_newline = is_newline.bool()
         self.scores, self.keys, self.saliency = scores, keys, saliency
         self.group = None if group is None else group.long()
 
     def frame_grid(self, strategy: str) -> Tensor:
         """(frames, h*w) token indices, for strategies that need every frame's full grid in raster order
-        (the untouched pooled layout); raises naming ``strategy`` otherwise."""
+        (the untouched pre-LLM layout); raises naming ``strategy`` otherwise."""
         from tokcomp.errors import ConfigError
 
         (h, w), frames = self.grid, self.num_frames
-        idx = torch.nonzero(~self.is_newline, as_tuple=False).flatten()
-        if h * w == 0 or idx.numel() != frames * h * w:
+        if h * w == 0 or self.num_tokens != frames * h * w:
             raise ConfigError(f"strategy {strategy!r} needs every frame's full token grid (put it first at pre_llm)")
-        grid = idx.view(frames, h * w)
-        raster = torch.arange(h * w, device=idx.device)
-        frame_ok = (self.frame[grid] == torch.arange(frames, device=idx.device)[:, None]).all()
+        grid = torch.arange(self.num_tokens, device=self.features.device).view(frames, h * w)
+        raster = torch.arange(h * w, device=grid.device)
+        frame_ok = (self.frame[grid] == torch.arange(frames, device=grid.device)[:, None]).all()
         if not (frame_ok and (self.row[grid] * w + self.col[grid] == raster).all()):
             raise ConfigError(f"strategy {strategy!r} needs tokens frame by frame in raster order")
         return grid
-
-    def position_offsets(self) -> Tensor:
-        """Offsets from the video's start of each token's position id (contiguous, or sources as FastVID keeps them)."""
-        if not self.original_positions:
-            return torch.arange(self.num_tokens, device=self.features.device)
-        if self.num_tokens > 1 and bool((self.source[1:] <= self.source[:-1]).any()):
-            raise StrategyContractError("pre-LLM: original_positions needs the tokens in ascending source order")
-        return self.source
 
 
 @dataclass
@@ -199,7 +208,7 @@ class LLMState:
     layer: int
     num_layers: int
     hidden: Tensor  # (1, L, D)
-    position_ids: Tensor  # (1, L)
+    position_ids: Tensor  # (R, L): 1-D RoPE (R = 1) or M-RoPE (R = 3) positions of each entry
     visual_mask: Tensor  # (L,) bool
     last_token_attention: dict[int, Tensor] = field(default_factory=dict)  # layer -> (L,)
     kept: Tensor | None = None  # set by keep(): indices into the current sequence
@@ -226,7 +235,7 @@ class LLMState:
         if bool((dropped & ~self.visual_mask.to(idx.device)).any()):
             raise StrategyContractError(f"inner-LLM keep at layer {self.layer}: text tokens must never be dropped")
         self.hidden = self.hidden[:, idx]
-        self.position_ids = self.position_ids[:, idx]
+        self.position_ids = self.position_ids[..., idx]
         self.visual_mask = self.visual_mask[idx]
         self.last_token_attention = {k: v[idx] for k, v in self.last_token_attention.items()}
         self.text_attention = {k: v[idx] for k, v in self.text_attention.items()}

@@ -18,9 +18,20 @@ from tokcomp.errors import ConfigError, UnknownNameError
 HOOK_POINTS: tuple[str, ...] = ("intra_encoder", "pre_llm", "inner_llm", "inner_llm_decode")
 
 
+CAPABILITIES: dict[str, str] = {
+    "intra_encoder": "the intra-encoder hook on the vision states (frames x tokens in spatial order, merge services)",
+    "vision_split": "calls between a vision layer's attention and its MLP (ToMe)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What a strategy may know about the model it runs on (no module paths)."""
+    """What a strategy may know about the model it runs on and this run's video (no module paths).
+
+    ``vision_grid`` and ``pooled_grid`` are the per-row patch grid inside the encoder and the LLM
+    token grid of the video at hand (fixed for LLaVA, following the resolution for Qwen); a model's
+    description before any video is seen gives those of its default input.
+    """
 
     name: str
     vision_layers: int
@@ -28,6 +39,11 @@ class ModelInfo:
     pooled_grid: tuple[int, int]
     llm_layers: int
     llm_hidden: int
+    family: str = ""
+    capabilities: frozenset[str] = frozenset()
+
+    def for_video(self, vision_grid: tuple[int, int], pooled_grid: tuple[int, int]) -> ModelInfo:
+        return dataclasses.replace(self, vision_grid=tuple(vision_grid), pooled_grid=tuple(pooled_grid))
 
 
 @dataclasses.dataclass
@@ -36,6 +52,28 @@ class Strategy:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()  # model capabilities beyond the intra-encoder hook's
+
+    @classmethod
+    def required_capabilities(cls) -> frozenset[str]:
+        """What a model must offer for this strategy (``tokcomp.strategy.CAPABILITIES``)."""
+        needs = set(cls.requires)
+        if "intra_encoder" in cls.hook_points():
+            needs.add("intra_encoder")
+        return frozenset(needs)
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Raise ConfigError if the model lacks a capability this strategy (as configured) needs."""
+        needs = set(self.required_capabilities())
+        if "intra_encoder" not in self.active_hooks():
+            needs.discard("intra_encoder")
+            needs.discard("vision_split")
+        missing = sorted(needs - set(info.capabilities))
+        if missing:
+            raise ConfigError(
+                f"strategy {self.name!r} needs {', '.join(missing)} ({'; '.join(CAPABILITIES[m] for m in missing)}), "
+                f"which model {info.name!r} ({info.family}) does not offer"
+            )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Instances are pluggy plugins, which must be hashable; identity is the right equality

@@ -6,11 +6,14 @@ import torch
 from torch import Tensor
 
 
-def received_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 8, bias: Tensor | None = None) -> Tensor:
+def received_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 8, bias: Tensor | None = None,
+                       segments: Tensor | None = None) -> Tensor:
     """Mean attention each key receives, over heads and queries (non-causal).
 
     q, k: (batch, heads, tokens, head_dim); ``bias`` (batch, tokens) is added to the logits of each
-    key (proportional attention). Returns (batch, tokens) in float32. Processed in chunks of the
+    key (proportional attention); ``segments`` (batch, tokens) ids restrict attention to queries and
+    keys of the same segment (windowed attention), so each key's mean is over all queries of the row
+    with zeros from the other windows. Returns (batch, tokens) in float32. Processed in chunks of the
     batch so the (heads, tokens, tokens) probabilities of only a few rows live at once.
     """
     out = []
@@ -18,6 +21,9 @@ def received_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 8, bias:
         logits = torch.matmul(q[b : b + chunk].float(), k[b : b + chunk].float().transpose(-1, -2)) * scale
         if bias is not None:
             logits = logits + bias[b : b + chunk, None, None, :].float()
+        if segments is not None:
+            seg = segments[b : b + chunk].to(logits.device)
+            logits = logits.masked_fill((seg[:, :, None] != seg[:, None, :])[:, None], float("-inf"))
         out.append(torch.softmax(logits, dim=-1).mean(dim=(1, 2)))
     return torch.cat(out)
 

@@ -1,7 +1,8 @@
-"""Per-run decoder hooks for a Qwen2-style decoder: the inner-LLM hook point in prefill and decode.
+"""Per-run decoder hooks: the inner-LLM hook point in prefill and decode, for any adapter.
 
-Forward pre-hooks are registered on this model instance's decoder layers for one run and removed
-afterwards (no class is patched). They keep track of which entries of the prefill sequence are
+Forward pre-hooks are registered on this model instance's decoder layers (``adapter.decoder_layers``)
+for one run and removed afterwards (no class is patched). Position ids may have any rank (R, L):
+1-D RoPE or M-RoPE rows are sliced together, and so are the rotary tensors (sequence on axis -2). They keep track of which entries of the prefill sequence are
 still alive at every layer, so that
 
 - prefill: hidden states, position ids, RoPE tensors and masks are sliced together when a strategy
@@ -21,6 +22,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from tokcomp.ledger import TokenLedger
+from tokcomp.ops.attention import last_query_attention, text_query_attention
 from tokcomp.stack import CompressionStack
 from tokcomp.state import DecodeState, LLMState, StrategyContractError
 
@@ -46,26 +48,40 @@ class DecoderCache(DynamicCache):
 
 
 def attach_decoder_hooks(adapter: Any, stack: CompressionStack, cache: DecoderCache, visual_mask: Tensor,
-                         visual_group: Tensor, ledger: TokenLedger) -> DecoderHooks | None:
+                         visual_group: Tensor, positions: Tensor, ledger: TokenLedger) -> DecoderHooks | None:
     """Register the hooks on the adapter's decoder layers when a strategy needs them (else None)."""
     needed = (stack.llm_layers, stack.attention_layers, stack.text_attention_layers, stack.decode_layers)
     if not any(needed):
         return None
-    hooks = DecoderHooks(adapter, stack, cache, visual_mask, visual_group, ledger)
+    hooks = DecoderHooks(adapter, stack, cache, visual_mask, visual_group, positions, ledger)
     hooks.handles = [layer.register_forward_pre_hook(hooks.hook_for(i), with_kwargs=True)
-                     for i, layer in enumerate(adapter.language_model.layers)]
+                     for i, layer in enumerate(adapter.decoder_layers)]
     return hooks
+
+
+def last_token_attention(adapter: Any, layer: Any, hidden: Tensor, position_embeddings: Any,
+                         past_keys: Tensor | None = None) -> Tensor:
+    """Head-averaged attention row of the last entry over every key (and the cache's, when given)."""
+    last = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
+    qk = adapter.decoder_qk(layer, hidden, position_embeddings, last, past_keys)
+    return last_query_attention(qk.q[:, 0], qk.k, qk.scale)
+
+
+def text_attention(adapter: Any, layer: Any, hidden: Tensor, position_embeddings: Any, query_idx: Tensor) -> Tensor:
+    """Attention from the entries ``query_idx`` (causal) to every entry, max over heads and queries."""
+    qk = adapter.decoder_qk(layer, hidden, position_embeddings, query_idx)
+    return text_query_attention(qk.q, qk.k, query_idx, qk.scale)
 
 
 class DecoderHooks:
     """One run's hook state: which prefill entries are alive per layer, statistics, decode step."""
 
     def __init__(self, adapter: Any, stack: CompressionStack, cache: DecoderCache, visual_mask: Tensor,
-                 visual_group: Tensor, ledger: TokenLedger):
+                 visual_group: Tensor, positions: Tensor, ledger: TokenLedger):
         self.adapter, self.stack, self.cache, self.ledger = adapter, stack, cache, ledger
-        self.visual_mask, self.visual_group = visual_mask, visual_group
+        self.visual_mask, self.visual_group, self.positions = visual_mask, visual_group, positions
         self.full_len = visual_mask.numel()
-        self.num_layers = len(adapter.language_model.layers)
+        self.num_layers = len(adapter.decoder_layers)
         self.alive: Tensor | None = None  # indices into the full prefill sequence
         self.alive_at: dict[int, Tensor] = {}
         self.attention: dict[int, Tensor] = {}
@@ -93,9 +109,10 @@ class DecoderHooks:
     @staticmethod
     def _slice_kwargs(kwargs: dict, idx: Tensor) -> dict:
         kwargs = dict(kwargs)
-        kwargs["position_ids"] = kwargs["position_ids"][:, idx]
+        if isinstance(kwargs.get("position_ids"), Tensor):
+            kwargs["position_ids"] = kwargs["position_ids"][..., idx]
         cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (cos[:, idx], sin[:, idx])
+        kwargs["position_embeddings"] = (cos[..., idx, :], sin[..., idx, :])
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor):
             kwargs["attention_mask"] = mask[..., idx, :][..., idx]
@@ -110,7 +127,7 @@ class DecoderHooks:
             kwargs = self._slice_kwargs(full_kwargs, self.alive)
         if index in self.stack.llm_layers:
             alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=hidden.device)
-            state = LLMState(layer=index, num_layers=self.num_layers, hidden=hidden, position_ids=kwargs["position_ids"],
+            state = LLMState(layer=index, num_layers=self.num_layers, hidden=hidden, position_ids=self.positions[:, alive],
                              visual_mask=self.visual_mask[alive], last_token_attention=dict(self.attention),
                              text_attention=dict(self.text_attention), visual_group=self.visual_group[alive])
             self.stack.inner_llm(state)
@@ -130,7 +147,7 @@ class DecoderHooks:
     def _statistics(self, index: int, module, hidden: Tensor, position_embeddings) -> None:
         if index in self.stack.attention_layers:
             with self.stack.clock.stage("token_processing"):
-                self.attention[index] = self.adapter._last_token_attention(module, hidden, position_embeddings)
+                self.attention[index] = last_token_attention(self.adapter, module, hidden, position_embeddings)
             self.ledger.attention_stats.append({"where": "llm", "layer": index, "seq": hidden.shape[1]})
         if index in self.stack.text_attention_layers:
             alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=hidden.device)
@@ -141,7 +158,7 @@ class DecoderHooks:
             if queries.numel() == 0:
                 raise StrategyContractError(f"decoder layer {index}: no text after the video to score it with")
             with self.stack.clock.stage("token_processing"):
-                self.text_attention[index] = self.adapter._text_attention(module, hidden, position_embeddings, queries)
+                self.text_attention[index] = text_attention(self.adapter, module, hidden, position_embeddings, queries)
             self.ledger.attention_stats.append({"where": "llm_text", "layer": index, "seq": hidden.shape[1],
                                                 "queries": queries.numel()})
 
@@ -172,7 +189,7 @@ class DecoderHooks:
             self.cache.read_index = {}
         if index + 1 in self.stack.decode_layers:
             past = self.cache.layers[index].keys if index < len(self.cache.layers) else None
-            self.decode_attention = self.adapter._last_token_attention(module, hidden, kwargs["position_embeddings"], past)
+            self.decode_attention = last_token_attention(self.adapter, module, hidden, kwargs["position_embeddings"], past)
         if index in self.stack.decode_layers:
             self._decode_hook(index, hidden.device)
         entries = self._entries(index, hidden.device)

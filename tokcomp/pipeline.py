@@ -1,0 +1,249 @@
+"""The one order of events of a compressed forward pass, for every model family.
+
+video -> vision layers (intra-encoder hook) -> vision-to-LLM tokens (pre-LLM hook) -> splice into
+the prompt -> prefill (inner-LLM hooks) -> greedy decode (decode hooks).
+
+The pipeline alone writes the token ledger, runs the stage clock and the decoding loop, builds
+the spliced sequence and its position ids, and re-emits the model's special tokens (strategies
+never see them). A model is reached only through the primitives of ``tokcomp.adapter``; a
+counting adapter (``tokcomp.counting``) runs this same code on shapes alone, so a planned ledger
+and a recorded one come from one writer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tokcomp.adapter import ModelAdapter, VideoInput
+from tokcomp.decoding import attach_decoder_hooks
+from tokcomp.ledger import TokenLedger, VisionLayerEntry, vision_stat_record
+from tokcomp.ops.attention import head_mean, mean_query_saliency, received_attention
+from tokcomp.stack import CompressionStack
+from tokcomp.state import EncoderState, StrategyContractError, VisualTokens
+from tokcomp.timing import StageClock
+
+VISION_STATISTICS = ("attention", "keys", "saliency")
+
+
+@dataclass
+class RunOutput:
+    """What one forward pass + greedy decode produced."""
+
+    new_ids: list[int]
+    text: str
+    prefill_logits: Tensor
+    ledger: TokenLedger
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _log_sizes(sizes: Tensor | None) -> Tensor | None:
+    """Proportional attention: log token sizes (rows, tokens) float32, added to the key logits."""
+    return None if sizes is None else torch.log(sizes.float())
+
+
+def vision_statistics(adapter: ModelAdapter, index: int, state: EncoderState, names: set[str],
+                      video: VideoInput) -> dict[str, Tensor]:
+    """The requested statistics of one vision layer from its input (q/k recomputed, never eager attention),
+    each over the attention segments the layer uses (whole rows, or windows)."""
+    qk = adapter.vision_qk(index, state.hidden, bool(names & {"attention", "saliency"}), video)
+    bias = _log_sizes(state.sizes)
+    out = {}
+    if "attention" in names:
+        out["attention"] = received_attention(qk.q, qk.k, qk.scale, bias=bias, segments=qk.segments)
+    if "keys" in names:
+        out["keys"] = head_mean(qk.k)
+    if "saliency" in names:
+        out["saliency"] = mean_query_saliency(qk.q, qk.k, qk.scale, bias=bias)
+    return out
+
+
+def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionStack,
+                 ledger: TokenLedger) -> tuple[VisualTokens, Tensor]:
+    """Vision layers with the intra-encoder hook, vision-to-LLM tokens, the pre-LLM hook.
+
+    Returns the visual content tokens and the special-token features to splice after them.
+    The statistics strategies asked for are computed from each layer's input; those of the highest
+    requested layer, as the hooks left them, are pooled with the features for the pre-LLM stage.
+    """
+    info = stack.info
+    state = EncoderState(layer=-1, num_layers=info.vision_layers, hidden=adapter.embed_video(video), grid=video.grid,
+                         frame_sources=[list(f) for f in video.row_frames], position="input")
+    ledger.input_frames = video.frames
+    ledger.embedded_tokens = state.hidden.shape[0] * state.hidden.shape[1]
+    if -1 in stack.encoder_layers:
+        stack.intra_encoder(state)
+    wanted = {"attention": stack.encoder_attention_layers, "keys": stack.encoder_key_layers,
+              "saliency": stack.encoder_saliency_layers}
+    last_wanted = {name: max(layers, default=None) for name, layers in wanted.items()}
+    kept: dict[str, Tensor] = {}
+    for i in range(info.vision_layers):
+        rows, tokens = state.hidden.shape[:2]
+        entry = VisionLayerEntry(rows, tokens, attention_pairs=adapter.vision_attention_pairs(i, rows, tokens, video))
+        ledger.vision_layers.append(entry)
+        names = {name for name, layers in wanted.items() if i in layers}
+        stats: dict[str, Tensor] = {}
+        if names:
+            with stack.clock.stage("token_processing"):
+                stats = vision_statistics(adapter, i, state, names, video)
+            ledger.attention_stats.append(vision_stat_record(names, i, rows, tokens))
+        if i in stack.encoder_mid_layers:
+            state.hidden = adapter.vision_attention_block(i, state.hidden, _log_sizes(state.sizes), video)
+            state.layer, state.position = i, "attention"
+            state.attention, state.keys, state.saliency = (stats.get(n) for n in VISION_STATISTICS)
+            stack.intra_encoder(state)
+            entry.mlp_tokens_per_frame = state.hidden.shape[1]
+            if state.hidden.shape[0] != entry.frames:
+                raise StrategyContractError(f"vision layer {i}: frames cannot change between attention and MLP")
+            state.hidden = adapter.vision_mlp_block(i, state.hidden, video)
+        else:
+            state.hidden = adapter.vision_layer(i, state.hidden, _log_sizes(state.sizes), video)
+            state.attention, state.keys, state.saliency = (stats.get(n) for n in VISION_STATISTICS)
+        state.layer, state.position = i, "layer"
+        if i in stack.encoder_layers:
+            stack.intra_encoder(state)
+        for name, at in last_wanted.items():
+            if i == at and getattr(state, name) is not None:
+                kept[name] = getattr(state, name)
+        for name, value in kept.items():
+            if value.shape[:2] != state.hidden.shape[:2]:
+                raise StrategyContractError(
+                    f"frames or tokens changed after vision layer {last_wanted[name]}, whose {name} a strategy needs")
+    ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = state.hidden.shape[:2]
+    out = adapter.vision_to_llm(state.hidden, state.grid, kept, video)
+    tokens = VisualTokens.from_grid(out.features, out.stats, state.frame_sources, state.meta)
+    ledger.pooled_tokens_per_frame = tokens.grid[0] * tokens.grid[1]
+    ledger.uncompressed_visual_tokens = video.rows * video.llm_grid[0] * video.llm_grid[1]
+    ledger.visual_tokens_before_pre_llm = tokens.num_tokens
+    if stack.has_pre_llm:
+        stack.pre_llm(tokens)
+    ledger.visual_tokens_after_pre_llm = tokens.num_tokens
+    ledger.special_tokens = out.specials.shape[0]
+    return tokens, out.specials
+
+
+@dataclass
+class Splice:
+    """The prompt with the kept visual tokens: embeddings, position ids (R, L), which entries are visual."""
+
+    embeds: Tensor
+    positions: Tensor
+    visual_mask: Tensor
+    visual_group: Tensor
+    text_tokens: int
+
+
+def splice(adapter: ModelAdapter, video: VideoInput, prompt: str, tokens: VisualTokens, specials: Tensor,
+           uncompressed: int) -> Splice:
+    """Kept visual tokens and the special tokens into the prompt built for ``uncompressed`` tokens.
+
+    Kept tokens keep their original position ids (columns of the uncompressed prompt's positions)
+    when the strategy says so or the model's positions are a grid (M-RoPE); otherwise they are
+    numbered contiguously, as LLaVA numbers its (shorter) prompt.
+    """
+    n, s = tokens.num_tokens, specials.shape[0]
+    layout = adapter.prompt(prompt, video, uncompressed + s)
+    start, full = layout.start, layout.ids.shape[1]
+    device = layout.ids.device
+    after = start + uncompressed
+    index = torch.cat([torch.arange(start, device=device), start + tokens.source.to(device),
+                       torch.arange(after, full, device=device)])
+    ids = layout.ids[:, index]
+    embeds = adapter.embed_tokens(ids)
+    embeds[0, start : start + n] = tokens.features.to(embeds.dtype)
+    if s:
+        embeds[0, start + n : start + n + s] = specials.to(embeds.dtype)
+    length = ids.shape[1]
+    if tokens.original_positions or not adapter.contiguous_positions:
+        positions = adapter.full_positions(layout, video)[:, index]
+    else:
+        positions = torch.arange(length, device=device)[None]
+    visual_mask = torch.zeros(length, dtype=torch.bool, device=device)
+    visual_mask[start : start + n] = True
+    visual_group = torch.full((length,), -1, dtype=torch.long, device=device)
+    if tokens.group is not None:
+        visual_group[start : start + n] = tokens.group.to(device)
+    return Splice(embeds, positions, visual_mask, visual_group, length - n - s)
+
+
+class _Decoder:
+    """Greedy decoding with the KV cache; EOS is suppressed before ``min_new_tokens`` (as transformers does)."""
+
+    def __init__(self, adapter: ModelAdapter, min_new_tokens: int):
+        self.adapter, self.min_new_tokens, self.eos = adapter, min_new_tokens, adapter.eos_ids()
+
+    def choose(self, logits: Tensor, step: int) -> int:
+        if step < self.min_new_tokens and self.eos:
+            logits = logits.float().clone()
+            logits[:, sorted(self.eos)] = float("-inf")
+        return int(logits.argmax(-1))
+
+    def decode(self, cache, first: int, next_position: int, rank: int, limit: int,
+               forced_ids: list[int] | None) -> list[int]:
+        adapter, new_ids = self.adapter, [first]
+        device = adapter.device
+        for step in range(1, limit):
+            fed = forced_ids[step - 1] if forced_ids is not None else new_ids[-1]
+            if forced_ids is None and fed in self.eos:
+                break
+            embeds = adapter.embed_tokens(torch.tensor([[fed]], device=device))
+            positions = torch.full((rank, 1), next_position + step - 1, dtype=torch.long, device=device)
+            new_ids.append(self.choose(adapter.forward_llm(embeds, positions, cache), step))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return new_ids
+
+
+@torch.no_grad()
+def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
+        min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None) -> RunOutput:
+    """Encode, prefill and greedily decode; with ``forced_ids``, decode teacher-forced on those ids
+    and return the model's own argmax at each step as ``new_ids`` (for fidelity)."""
+    ledger = TokenLedger()
+    clock = StageClock(adapter.device)
+    stack.start(seed, clock)
+    decoder = _Decoder(adapter, min_new_tokens)
+    hooks = None
+    try:
+        with clock.stage("ttft"):
+            with clock.stage("vision"):
+                tokens, specials = encode_video(adapter, video, stack, ledger)
+            spliced = splice(adapter, video, prompt, tokens, specials, ledger.visual_tokens_before_pre_llm)
+            ledger.text_tokens = spliced.text_tokens
+            cache = adapter.new_cache()
+            hooks = attach_decoder_hooks(adapter, stack, cache, spliced.visual_mask, spliced.visual_group,
+                                         spliced.positions, ledger)
+            with clock.stage("prefill"):
+                logits = adapter.forward_llm(spliced.embeds, spliced.positions, cache)
+                if hooks is not None:
+                    hooks.end_prefill()
+                limit = len(forced_ids) if forced_ids is not None else max_new_tokens
+                first = decoder.choose(logits, 0)
+        with clock.stage("decode"):
+            next_position = int(spliced.positions.max()) + 1
+            new_ids = decoder.decode(cache, first, next_position, spliced.positions.shape[0], limit, forced_ids)
+    finally:
+        if hooks is not None:
+            hooks.remove()
+    if not ledger.llm_layers:
+        ledger.llm_layers = [spliced.embeds.shape[1]] * stack.info.llm_layers
+    ledger.new_tokens = len(new_ids)
+    return RunOutput(new_ids, adapter.decode_text(new_ids), logits[0].detach().float().cpu().clone(), ledger,
+                     _timings(clock))
+
+
+def _timings(clock: StageClock) -> dict[str, float]:
+    """The Figure-3 breakdown: exclusive time per stage, so the TTFT parts sum to the TTFT."""
+    exclusive = clock.exclusive_ms()
+    timings = {
+        "ttft_ms": clock.inclusive_ms("ttft"),
+        "vision_ms": exclusive.get("vision", 0.0),
+        "token_processing_ms": exclusive.get("token_processing", 0.0),
+        "prefill_ms": exclusive.get("prefill", 0.0),
+        "other_ms": exclusive.get("ttft", 0.0),
+        "decode_ms": exclusive.get("decode", 0.0),
+    }
+    timings["total_ms"] = timings["ttft_ms"] + timings["decode_ms"]
+    return timings
