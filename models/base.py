@@ -20,6 +20,6 @@ class ModelPreset:
     family: str
     summary: str
     build: Callable[..., Any]
-    describe: Callable[..., Any] | None = None  # spec -> (ModelInfo, ModelDims, prompt-token counter)
+    describe: Callable[..., Any] | None = None  # spec -> tokcomp.adapter.ModelDescription, without weights
     hub_id: str | None = None
     dims: dict[str, Any] = field(default_factory=dict)

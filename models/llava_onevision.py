@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
 
-from tokcomp.adapter import QK, PromptLayout, VideoInput, VisionOutput
+from tokcomp.adapter import QK, ModelDescription, PromptLayout, VideoInput, VisionOutput
 from tokcomp.decoding import DecoderCache
 from tokcomp.errors import ConfigError
 from tokcomp.ops.pooling import bilinear_halve
@@ -132,10 +132,27 @@ def chat_segments(prompt: str) -> tuple[str, str]:
             f"\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def describe(spec: Any, preset: str):
-    """(ModelInfo, ModelDims, prompt-token counter) of a preset, without building the model."""
-    config = preset_config(spec, preset)
-    return info_from_config(config, preset), dims_from_config(config), prompt_token_counter(spec, preset)
+def description_from_config(config: LlavaOnevisionConfig, preset: str, count_prompt: Any) -> ModelDescription:
+    """The weight-free geometry: every frame is a row of side x side patches, pooled to ceil(side/2)^2
+    tokens (a changed token count that is no grid stays one row, unpooled), then one newline."""
+    info = info_from_config(config, preset)
+
+    def video(frames: int, height: int | None = None, width: int | None = None) -> VideoInput:
+        return VideoInput(None, frames=frames, rows=frames, grid=info.vision_grid, llm_grid=info.pooled_grid)
+
+    def llm_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
+        if grid != (0, 0) and grid[0] * grid[1] == tokens:
+            return (grid[0] + 1) // 2, (grid[1] + 1) // 2
+        return 1, tokens
+
+    return ModelDescription(info=info, dims=dims_from_config(config), count_prompt=count_prompt, video=video,
+                            llm_grid=llm_grid, specials=1, position_rank=1, contiguous_positions=True,
+                            vision_hidden=config.vision_config.hidden_size)
+
+
+def describe(spec: Any, preset: str) -> ModelDescription:
+    """The model's description (info, dims, prompt-token counter, geometry), without building weights."""
+    return description_from_config(preset_config(spec, preset), preset, prompt_token_counter(spec, preset))
 
 
 def _random_model(config: LlavaOnevisionConfig, dtype: torch.dtype, attn: str, seed: int):
@@ -190,8 +207,8 @@ class LlavaOnevisionAdapter:
         self.tokenizer = tokenizer
         self.preset = preset
         self.config = model.config
-        self.info = info_from_config(self.config, preset)
-        self.dims = dims_from_config(self.config)
+        self.description = description_from_config(self.config, preset, self._count_prompt)
+        self.info, self.dims = self.description.info, self.description.dims
         tower = model.model.vision_tower
         self.vision = getattr(tower, "vision_model", tower)
         self.language_model = model.model.language_model
@@ -211,6 +228,10 @@ class LlavaOnevisionAdapter:
     @property
     def decoder_layers(self):
         return self.language_model.layers
+
+    def _count_prompt(self, prompt: str) -> int:
+        before, after = chat_segments(prompt)
+        return sum(len(self.tokenizer(part, add_special_tokens=False).input_ids) for part in (before, after))
 
     def eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -117,3 +117,24 @@ class ModelAdapter(Protocol):
                    past_keys: Tensor | None = None) -> QK: ...  # q (heads, Q, hd), k (heads, L, hd), KV repeated
     def eos_ids(self) -> set[int]: ...
     def decode_text(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class ModelDescription:
+    """A model family's geometry without weights: what ``tokcomp flops`` plans run the pipeline on.
+
+    ``video(frames, height, width)`` is the VideoInput (no pixels) a video of that size becomes;
+    ``llm_grid(grid, tokens)`` the LLM token grid of a row leaving the encoder with ``tokens``
+    tokens on ``grid`` ((0, 0) when no grid is left); ``attention_pairs`` as in the adapter.
+    """
+
+    info: ModelInfo
+    dims: Any
+    count_prompt: Any  # Callable[[str], int]: chat-formatted text tokens of a prompt
+    video: Any  # Callable[[int, int, int], VideoInput]
+    llm_grid: Any  # Callable[[tuple[int, int], int], tuple[int, int]]
+    specials: int
+    position_rank: int
+    contiguous_positions: bool
+    attention_pairs: Any = None  # Callable[[int, int, int, VideoInput], int | None] | None
+    vision_hidden: int = 0

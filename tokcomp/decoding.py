@@ -96,7 +96,8 @@ class DecoderHooks:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self.cache.read_index = {}
+        if self.cache is not None:
+            self.cache.read_index = {}
 
     def hook_for(self, index: int):
         def hook(module, args, kwargs):
@@ -126,7 +127,7 @@ class DecoderHooks:
         if self.alive is not None:
             kwargs = self._slice_kwargs(full_kwargs, self.alive)
         if index in self.stack.llm_layers:
-            alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=hidden.device)
+            alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=self.visual_mask.device)
             state = LLMState(layer=index, num_layers=self.num_layers, hidden=hidden, position_ids=self.positions[:, alive],
                              visual_mask=self.visual_mask[alive], last_token_attention=dict(self.attention),
                              text_attention=dict(self.text_attention), visual_group=self.visual_group[alive])
@@ -150,7 +151,7 @@ class DecoderHooks:
                 self.attention[index] = last_token_attention(self.adapter, module, hidden, position_embeddings)
             self.ledger.attention_stats.append({"where": "llm", "layer": index, "seq": hidden.shape[1]})
         if index in self.stack.text_attention_layers:
-            alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=hidden.device)
+            alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=self.visual_mask.device)
             visual = torch.nonzero(self.visual_mask[alive], as_tuple=False).flatten()
             if visual.numel() == 0:
                 return
@@ -164,7 +165,7 @@ class DecoderHooks:
 
     def end_prefill(self) -> None:
         """Apply a requested cut of the earlier layers' caches; from now on the hooks serve decoding."""
-        if self.cut_before is not None:
+        if self.cut_before is not None and self.cache is not None:
             layer, alive = self.cut_before
             for j in range(layer):
                 before = self.alive_at.get(j, torch.arange(self.full_len, device=alive.device))

@@ -34,7 +34,9 @@ def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=32, help="frames (with --model; default 32)")
     parser.add_argument("--weights", default="random", help="with --model: random (default), pretrained or a path")
     parser.add_argument("--text-tokens", type=int, help="prompt text tokens (default: counted from the prompt)")
-    parser.add_argument("--visual-tokens", type=int, help="video tokens reaching the LLM (newline excluded)")
+    parser.add_argument("--visual-tokens", type=int, help="video tokens reaching the LLM (special tokens excluded)")
+    parser.add_argument("--height", type=int, help="with --model: video height in pixels (models whose grid follows it)")
+    parser.add_argument("--width", type=int, help="with --model: video width in pixels")
     parser.add_argument("--vision-frames-after", action="append", default=[], metavar="LAYER:FRAMES",
                         type=lambda t: _pair(t, int), help="frames alive after a vision layer (repeatable)")
     parser.add_argument("--llm-stage", action="append", default=[], metavar="LAYER:RATIO",
@@ -60,11 +62,14 @@ def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
     if args.frames < 1:
         raise ConfigError(f"--frames must be at least 1, got {args.frames}")
     preset = Plugins().model(args.model)
-    info, dims, count_prompt = preset.describe(_spec(args))
-    text = args.text_tokens if args.text_tokens is not None else count_prompt("Describe what happens in the video.")
-    ledger = schedule_ledger(info, args.frames, text, visual_tokens=args.visual_tokens,
-                             vision_frames_after=args.vision_frames_after, llm_stages=args.llm_stage)
-    return {args.model: (ledger, dims)}
+    description = preset.describe(_spec(args))
+    text = args.text_tokens
+    if text is None:
+        text = description.count_prompt("Describe what happens in the video.")
+    ledger = schedule_ledger(description, args.frames, text, visual_tokens=args.visual_tokens,
+                             vision_frames_after=args.vision_frames_after, llm_stages=args.llm_stage,
+                             height=args.height, width=args.width)
+    return {args.model: (ledger, description.dims)}
 
 
 def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | str, Any]]:
@@ -75,21 +80,36 @@ def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | s
 
     cfg = load_experiment(args.experiment, args.overrides)
     plugins = Plugins(list(cfg.plugins))
-    info, dims, count_prompt = plugins.model(cfg.model.preset).describe(cfg.model)
-    text = args.text_tokens if args.text_tokens is not None else count_prompt(cfg.input.prompt)
+    description = plugins.model(cfg.model.preset).describe(cfg.model)
+    dims = description.dims
+    text = args.text_tokens if args.text_tokens is not None else description.count_prompt(cfg.input.prompt)
+    height, width = _video_size(cfg)
+    video = description.video(cfg.input.frames, height, width)
+    info = description.info.for_video(video.grid, video.llm_grid)
     recorded = _recorded_ledgers(cfg, args.from_run) if args.from_run else {}
     rows: dict[str, tuple[TokenLedger | str, Any]] = {}
     for name, strategies in build_strategies(plugins, cfg).items():
         for strategy in strategies:
+            strategy.check_model(info)
             strategy.check(info)
         if name in recorded:
             rows[name] = (recorded[name], dims)
             continue
         try:
-            rows[name] = (plan_ledger(info, cfg.input.frames, text, strategies, nominal=args.nominal), dims)
+            rows[name] = (plan_ledger(description, cfg.input.frames, text, strategies, nominal=args.nominal,
+                                      height=height, width=width), dims)
         except ScheduleUnknown as exc:
             rows[name] = (str(exc), dims)
     return rows
+
+
+def _video_size(cfg) -> tuple[int, int]:
+    """The input video's (height, width): the generated clip's, or a video file's first frame."""
+    if cfg.input.video is None:
+        return cfg.input.generated.height, cfg.input.generated.width
+    from tokcomp.video import video_size
+
+    return video_size(cfg.input.video)
 
 
 def _recorded_ledgers(cfg, run_id: str) -> dict[str, TokenLedger]:

@@ -196,6 +196,42 @@ class _Decoder:
         return new_ids
 
 
+@dataclass
+class Prefilled:
+    """The state after prefill: last-position logits, the cache, the spliced prompt, the hooks."""
+
+    logits: Tensor
+    cache: object
+    spliced: Splice
+    hooks: object
+
+
+def prefill(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: CompressionStack,
+            ledger: TokenLedger, clock: StageClock) -> Prefilled:
+    """Everything up to the first token's logits: encode, splice, prefill with the inner-LLM hooks.
+
+    The hooks stay attached for decoding; the caller removes them (``hooks.remove()``)."""
+    with clock.stage("vision"):
+        tokens, specials = encode_video(adapter, video, stack, ledger)
+    spliced = splice(adapter, video, prompt, tokens, specials, ledger.visual_tokens_before_pre_llm)
+    ledger.text_tokens = spliced.text_tokens
+    cache = adapter.new_cache()
+    hooks = attach_decoder_hooks(adapter, stack, cache, spliced.visual_mask, spliced.visual_group,
+                                 spliced.positions, ledger)
+    try:
+        with clock.stage("prefill"):
+            logits = adapter.forward_llm(spliced.embeds, spliced.positions, cache)
+            if hooks is not None:
+                hooks.end_prefill()
+    except BaseException:
+        if hooks is not None:
+            hooks.remove()
+        raise
+    if not ledger.llm_layers:
+        ledger.llm_layers = [spliced.embeds.shape[1]] * stack.info.llm_layers
+    return Prefilled(logits, cache, spliced, hooks)
+
+
 @torch.no_grad()
 def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
         min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None) -> RunOutput:
@@ -205,32 +241,21 @@ def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: Compressio
     clock = StageClock(adapter.device)
     stack.start(seed, clock)
     decoder = _Decoder(adapter, min_new_tokens)
-    hooks = None
+    done = None
     try:
         with clock.stage("ttft"):
-            with clock.stage("vision"):
-                tokens, specials = encode_video(adapter, video, stack, ledger)
-            spliced = splice(adapter, video, prompt, tokens, specials, ledger.visual_tokens_before_pre_llm)
-            ledger.text_tokens = spliced.text_tokens
-            cache = adapter.new_cache()
-            hooks = attach_decoder_hooks(adapter, stack, cache, spliced.visual_mask, spliced.visual_group,
-                                         spliced.positions, ledger)
+            done = prefill(adapter, video, prompt, stack, ledger, clock)
+            limit = len(forced_ids) if forced_ids is not None else max_new_tokens
             with clock.stage("prefill"):
-                logits = adapter.forward_llm(spliced.embeds, spliced.positions, cache)
-                if hooks is not None:
-                    hooks.end_prefill()
-                limit = len(forced_ids) if forced_ids is not None else max_new_tokens
-                first = decoder.choose(logits, 0)
+                first = decoder.choose(done.logits, 0)
         with clock.stage("decode"):
-            next_position = int(spliced.positions.max()) + 1
-            new_ids = decoder.decode(cache, first, next_position, spliced.positions.shape[0], limit, forced_ids)
+            positions = done.spliced.positions
+            new_ids = decoder.decode(done.cache, first, int(positions.max()) + 1, positions.shape[0], limit, forced_ids)
     finally:
-        if hooks is not None:
-            hooks.remove()
-    if not ledger.llm_layers:
-        ledger.llm_layers = [spliced.embeds.shape[1]] * stack.info.llm_layers
+        if done is not None and done.hooks is not None:
+            done.hooks.remove()
     ledger.new_tokens = len(new_ids)
-    return RunOutput(new_ids, adapter.decode_text(new_ids), logits[0].detach().float().cpu().clone(), ledger,
+    return RunOutput(new_ids, adapter.decode_text(new_ids), done.logits[0].detach().float().cpu().clone(), ledger,
                      _timings(clock))
 
 

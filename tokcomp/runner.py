@@ -194,7 +194,7 @@ class ExperimentRunner:
             )
         frames = load_frames(cfg.input)
         if self.preset.describe is not None:  # capabilities and layer ranges from the config alone, before weights
-            self._check_strategies(self.preset.describe(cfg.model)[0])
+            self._check_strategies(self.preset.describe(cfg.model).info)
         adapter = self.adapters.get(self.preset, cfg.model, log)
         video = adapter.preprocess(frames)
         self.info = adapter.info.for_video(video.grid, video.llm_grid)

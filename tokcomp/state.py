@@ -126,7 +126,7 @@ class VisualTokens:
                   meta: dict | None = None) -> VisualTokens:
         """Tokens of (rows, h, w, D) grids in raster order, with statistics (rows, h, w[, C]) pooled alike."""
         rows, h, w = features.shape[:3]
-        dev = features.device
+        dev = features.device if features.device.type != "meta" else torch.device("cpu")  # labels stay real
         cells = torch.arange(h * w, device=dev).repeat(rows)
         flat = {name: v.reshape(rows * h * w, *v.shape[3:]).float() for name, v in stats.items()}
         return cls(features=features.reshape(rows * h * w, -1), frame=torch.arange(rows, device=dev).repeat_interleave(h * w),
@@ -228,7 +228,7 @@ class LLMState:
 
         ``prune_earlier_cache``: also cut the KV caches of the layers before this one to the same
         entries once prefill ends (PruneVid), so decoding reads the pruned cache everywhere."""
-        idx = _as_index(indices, self.seq_len, f"inner-LLM keep at layer {self.layer}").to(self.hidden.device)
+        idx = _as_index(indices, self.seq_len, f"inner-LLM keep at layer {self.layer}").to(self.visual_mask.device)
         idx, _ = torch.sort(idx)
         dropped = torch.ones(self.seq_len, dtype=torch.bool, device=idx.device)
         dropped[idx] = False

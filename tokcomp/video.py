@@ -84,6 +84,20 @@ def generate_video(length: int = 96, height: int = 128, width: int = 128, shots:
     return torch.from_numpy(np.clip(video, 0, 255).astype(np.uint8)), cuts[:-1].tolist()
 
 
+def video_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a video file's stream, without decoding it all."""
+    import av
+
+    if not Path(path).is_file():
+        raise InputError(f"video file {str(path)!r} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.height, stream.codec_context.width
+    except Exception as exc:  # PyAV raises many error types for corrupt input
+        raise InputError(f"video file {str(path)!r} cannot be read: {exc}") from exc
+
+
 def load_frames(input_cfg) -> Tensor:
     """Frames for an experiment's ``input`` section: the video file if given, else the generated clip."""
     if input_cfg.video:
