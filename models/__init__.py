@@ -10,6 +10,8 @@ from tokcomp.models.base import ModelPreset
 from tokcomp.hookspecs import hookimpl
 
 _LLAVA_OV = "llava_onevision"
+# LLaVA-OneVision's adapter runs SigLIP layer by layer on frames x tokens (and can split a layer).
+LLAVA_ONEVISION_CAPABILITIES = frozenset({"intra_encoder", "vision_split"})
 
 
 def _build_llava_onevision(spec, preset: str):
@@ -36,7 +38,7 @@ def _bundled_dims(name: str) -> dict:
 @hookimpl
 def tokcomp_register_models(register):
     register(ModelPreset(
-        name="tiny", family=_LLAVA_OV,
+        name="tiny", family=_LLAVA_OV, capabilities=LLAVA_ONEVISION_CAPABILITIES,
         summary="random-weight LLaVA-OneVision built in code (byte tokenizer), for tests and the demo",
         build=partial(_build_llava_onevision, preset="tiny"),
         describe=partial(_describe_llava_onevision, preset="tiny"),
@@ -45,7 +47,7 @@ def tokcomp_register_models(register):
     for size in ("0.5b", "7b"):
         name = f"llava-onevision-{size}"
         register(ModelPreset(
-            name=name, family=_LLAVA_OV,
+            name=name, family=_LLAVA_OV, capabilities=LLAVA_ONEVISION_CAPABILITIES,
             summary=f"LLaVA-OneVision {size.upper()}: weights: random (bundled config) or pretrained / hub id / path",
             build=partial(_build_llava_onevision, preset=name),
             describe=partial(_describe_llava_onevision, preset=name),

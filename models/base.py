@@ -22,4 +22,5 @@ class ModelPreset:
     build: Callable[..., Any]
     describe: Callable[..., Any] | None = None  # spec -> tokcomp.adapter.ModelDescription, without weights
     hub_id: str | None = None
+    capabilities: frozenset[str] = frozenset()  # tokcomp.strategy.CAPABILITIES this family's adapter offers
     dims: dict[str, Any] = field(default_factory=dict)

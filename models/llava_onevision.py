@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tokcomp.models import LLAVA_ONEVISION_CAPABILITIES
 from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
@@ -33,7 +34,7 @@ from tokcomp.strategy import ModelInfo
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SYSTEM_PROMPT = "You are a helpful assistant."
-CAPABILITIES = frozenset({"intra_encoder", "vision_split"})
+CAPABILITIES = LLAVA_ONEVISION_CAPABILITIES
 
 
 def _key_mask(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -258,6 +259,11 @@ class LlavaOnevisionAdapter:
         post = self.tokenizer(after, add_special_tokens=False).input_ids
         ids = pre + [self.config.video_token_id] * visual + post
         return PromptLayout(torch.tensor([ids], device=self.device), len(pre), visual)
+
+    def stock_inputs(self, text: str, video: VideoInput) -> dict[str, Tensor]:
+        """The uncompressed prompt as the stock model's forward/generate takes it (for reference checks)."""
+        layout = self.prompt(text, video, video.rows * video.llm_grid[0] * video.llm_grid[1] + 1)
+        return {"input_ids": layout.ids, "pixel_values_videos": video.pixels[None]}
 
     def full_positions(self, layout: PromptLayout, video: VideoInput) -> Tensor:
         return torch.arange(layout.ids.shape[1], device=self.device)[None]

@@ -7,25 +7,27 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from tokcomp.state import LLMState
-from tokcomp.strategy import ModelInfo, Strategy, check_layer
+from tokcomp.strategy import ModelInfo, Strategy, check_layer, depth_layer
 
 
 @dataclass
 class LastTokenAttentionStrategy(Strategy):
-    """FastV-style placement: called before decoder layer ``layer``, scored by layer ``layer``-1."""
+    """FastV-style placement: called before decoder layer ``layer``, scored by layer ``layer``-1.
 
-    layer: int = 2
+    ``layer`` is a decoder layer index, or a fraction of the LLM's depth (e.g. 0.75)."""
+
+    layer: int | float = 2
 
     def check(self, info: ModelInfo) -> None:
         check_layer(self.name, "layer", self.layer, info.llm_layers, "LLM", minimum=1)
 
     def llm_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer}
+        return {depth_layer(self.layer, info.llm_layers)}
 
     def attention_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer - 1}
+        return {depth_layer(self.layer, info.llm_layers) - 1}
 
     def visual_scores(self, state: LLMState) -> tuple[Tensor, Tensor]:
         """Sequence indices of the visual tokens and the last token's attention to each."""
         visual = state.visual_indices()
-        return visual, state.last_token_attention[self.layer - 1][visual]
+        return visual, state.last_token_attention[state.layer - 1][visual]

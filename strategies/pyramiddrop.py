@@ -6,9 +6,10 @@ and the top ``int(n * ratio)`` (at least one) are kept; the newline counts as vi
 Kept tokens keep their original positions. With one layer this is FastV; PyramidDrop's point is
 that later layers tolerate far fewer tokens, so the total cost falls faster than the first cut.
 
-Defaults are the official LLaVA-1.5/NeXT ones (32 decoder layers): stage boundaries at layers
-8, 16 and 24 with lambda = 0.5, so 50%, 25% and 12.5% of the visual tokens run in the last three
-quarters. Deviation: the official code scores with the last instruction token's query against
+Defaults are the official LLaVA-1.5/NeXT ones (32 decoder layers: stage boundaries at layers
+8, 16 and 24) given as fractions of the depth, 0.25/0.5/0.75, so they fit every model (6/12/18 on
+Qwen2-0.5B's 24 layers, 7/14/21 on Qwen2-7B's 28), with lambda = 0.5: 50%, 25% and 12.5% of the
+visual tokens run in the last three quarters. Integers still name exact layers. Deviation: the official code scores with the last instruction token's query against
 the keys *of the boundary layer itself* computed inside its patched attention; here the score is
 the previous layer's row computed beside that layer (FastV's statistic), which keeps fused
 attention and is what the FLOPs accounting counts.
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.selection import topk_indices
 from tokcomp.state import LLMState
-from tokcomp.strategy import ModelInfo, Strategy, check_layer, check_ratio
+from tokcomp.strategy import ModelInfo, Strategy, check_layer, check_ratio, depth_layer
 
 
 def stage_keep(n: int, ratio: float) -> int:
@@ -35,7 +37,7 @@ def stage_keep(n: int, ratio: float) -> int:
 class PyramidDrop(Strategy):
     name = "pyramiddrop"
     summary = "drop visual tokens in stages at several LLM layers by the last token's attention"
-    layers: tuple[int, ...] = (8, 16, 24)  # a tuple: a dataclass default must be immutable
+    layers: tuple[int | float, ...] = (0.25, 0.5, 0.75)  # layer indices or fractions of the depth (immutable default)
     ratio: float = 0.5  # lambda: fraction of the surviving visual tokens kept at each stage
 
     def __post_init__(self) -> None:
@@ -44,17 +46,23 @@ class PyramidDrop(Strategy):
             raise ValueError("layers=[] has no stage; give at least one decoder layer")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={self.layers!r} repeats a layer")
-        self.layers = tuple(sorted(self.layers))
+        self.layers = tuple(self.layers)
+
+    def _layers(self, info: ModelInfo) -> list[int]:
+        return sorted({depth_layer(layer, info.llm_layers) for layer in self.layers})
 
     def check(self, info: ModelInfo) -> None:
         for layer in self.layers:
             check_layer(self.name, "layers", layer, info.llm_layers, "LLM", minimum=1)
+        if len(self._layers(info)) != len(self.layers):
+            raise ConfigError(f"strategy {self.name!r}: layers={list(self.layers)} name the same decoder layer "
+                              f"on {info.llm_layers} layers ({self._layers(info)})")
 
     def llm_layers(self, info: ModelInfo) -> set[int]:
-        return set(self.layers)
+        return set(self._layers(info))
 
     def attention_layers(self, info: ModelInfo) -> set[int]:
-        return {layer - 1 for layer in self.layers}
+        return {layer - 1 for layer in self._layers(info)}
 
     def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
         return stage_keep(visual, self.ratio)

@@ -84,6 +84,7 @@ class ToMe(Strategy):
 
     name = "tome"
     summary = "ToMe: bipartite soft matching of similar tokens inside the vision encoder layers"
+    requires = frozenset({"vision_split"})
     r: int | list[int] | None = None  # None: 16 (ToMe README), unless merge_total is given
     inflect: float = 0.0  # ToMe's (r, inflection) pair; default constant
     merge_total: int | None = None  # EarlyTom port style: a total spread evenly over the layers

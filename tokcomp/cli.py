@@ -21,11 +21,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     plugins = Plugins(args.plugin, trace=args.trace_hooks)
     if args.what == "strategies":
         rows = []
+        families: dict[str, frozenset[str]] = {}
+        for reg in plugins.models.values():
+            families.setdefault(reg.obj.family, frozenset(reg.obj.capabilities))
         for name in Plugins.matching(plugins.strategies, args.pattern):
             reg = plugins.strategies[name]
             params = ", ".join(f"{k}={_default(f)!r}" for k, f in reg.obj.parameters().items())
-            rows.append([name, ",".join(reg.obj.hook_points()), reg.plugin, reg.distribution, params, reg.obj.summary])
-        print(render_table(["strategy", "hook points", "plugin", "from", "parameters (defaults)", "summary"], rows))
+            needs = reg.obj.required_capabilities()
+            served = sorted(f for f, caps in families.items() if needs <= caps)
+            models = "all" if len(served) == len(families) else (",".join(served) or "none")
+            rows.append([name, ",".join(reg.obj.hook_points()), models, reg.plugin, reg.distribution, params,
+                         reg.obj.summary])
+        print(render_table(["strategy", "hook points", "models", "plugin", "from", "parameters (defaults)", "summary"],
+                           rows))
     else:
         rows = []
         for name in Plugins.matching(plugins.models, args.pattern):

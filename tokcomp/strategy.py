@@ -225,7 +225,22 @@ def check_ratio(strategy: str, name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r} is outside (0, 1]")
 
 
-def check_layer(strategy: str, name: str, layer: int, count: int, where: str, minimum: int = 0) -> None:
+def depth_layer(layer: int | float, depth: int) -> int:
+    """A layer index given as an int, or as a fraction of the model's depth (0 < f < 1: round(f * depth)),
+    so one default fits models of any depth (PyramidDrop's 8/16/24 of 32 layers are 0.25/0.5/0.75)."""
+    if isinstance(layer, float):
+        if not 0.0 < layer < 1.0:
+            raise ConfigError(f"layer {layer!r}: a fraction of the depth must be in (0, 1)")
+        return round(layer * depth)
+    return layer
+
+
+def check_layer(strategy: str, name: str, layer: int | float, count: int, where: str, minimum: int = 0) -> None:
+    given = layer
+    layer = depth_layer(layer, count)
+    if isinstance(given, float) and not minimum <= layer < count:
+        raise ConfigError(f"strategy {strategy!r}: {name}={given} is {layer} of {count} {where} layers, "
+                          f"outside {minimum}..{count - 1}")
     if not minimum <= layer < count:
         raise ConfigError(
             f"strategy {strategy!r}: {name}={layer} is outside the {where} layers {minimum}..{count - 1}"
