@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tokcomp.errors import ConfigError
-from tokcomp.flops import ModelDims, count_all, count_flops
+from tokcomp.flops import ModelDims, count_all, count_flops, eq8_layer
 from tokcomp.ledger import TokenLedger, VisionLayerEntry
 
 SIGLIP = dict(vision_layers=26, vision_hidden=1152, vision_intermediate=4304, vision_heads=16, patch_size=14,
@@ -35,11 +35,10 @@ def ledger_for(dims: ModelDims, video_tokens: int, *, frames: int = 32, stage: t
         vision_layers=[VisionLayerEntry(f, dims.vision_tokens_per_frame) for f in per_layer],
         vision_out_frames=per_layer[-1], vision_out_tokens_per_frame=dims.vision_tokens_per_frame,
         pooled_tokens_per_frame=dims.pooled_tokens_per_frame,
-        visual_tokens_before_pre_llm=frames * dims.pooled_tokens_per_frame + 1,
-        visual_tokens_after_pre_llm=video_tokens + 1, text_tokens=TEXT,
+        visual_tokens_before_pre_llm=frames * dims.pooled_tokens_per_frame,
+        visual_tokens_after_pre_llm=video_tokens, text_tokens=TEXT, special_tokens=1,
         llm_layers=[TEXT + 1 + n for n in alive],
     )
-    ledger.newline_tokens = 1  # set after construction: older ledgers lack the field (counted as 1)
     return ledger
 
 
@@ -113,7 +112,7 @@ def test_paper_protocol_ignores_text_and_newline_tokens():
 def test_paper_protocol_subtracts_only_the_newline_tokens_the_ledger_reports():
     with_newline = ledger_for(OV_05B, 1000)
     without = ledger_for(OV_05B, 1000)
-    without.newline_tokens = 0
+    without.special_tokens = 0
     paper = [count_flops(ledger, OV_05B, "paper").llm_T for ledger in (with_newline, without)]
     assert paper[1] > paper[0]
 
@@ -136,8 +135,8 @@ TINY = ModelDims(vision_layers=2, vision_hidden=8, vision_intermediate=16, visio
 def tiny_ledger(stats: list[dict] | None = None) -> TokenLedger:
     """1 frame of 2x2 patches, pooled to 1 token + newline, 5 text tokens, 7 tokens at both decoder layers."""
     return TokenLedger(input_frames=1, vision_layers=[VisionLayerEntry(1, 4)] * 2, vision_out_frames=1,
-                       vision_out_tokens_per_frame=4, pooled_tokens_per_frame=1, visual_tokens_before_pre_llm=2,
-                       visual_tokens_after_pre_llm=2, text_tokens=5, llm_layers=[7, 7],
+                       vision_out_tokens_per_frame=4, pooled_tokens_per_frame=1, visual_tokens_before_pre_llm=1,
+                       visual_tokens_after_pre_llm=1, text_tokens=5, special_tokens=1, llm_layers=[7, 7],
                        attention_stats=stats or [])
 
 
@@ -190,3 +189,50 @@ def test_count_all_reports_every_protocol_and_serialises():
     assert sorted(reports) == ["exact", "paper"]
     assert reports["exact"].to_dict()["protocol"] == "exact"
     assert reports["paper"].to_dict()["decode_per_token_T"] is None
+
+
+# ---- Qwen2.5-VL geometry: 3-D patches, windowed attention, SwiGLU vision MLP, 2x2 patch merger --------
+QTINY = ModelDims(vision_layers=2, vision_hidden=8, vision_intermediate=12, vision_heads=2, patch_size=2, image_size=8,
+                  channels=3, vision_tokens_per_frame=16, projector_in=32, projector_hidden=32, projector_out=12,
+                  pooled_tokens_per_frame=4, llm_layers=2, llm_hidden=12, llm_intermediate=20, llm_heads=3,
+                  llm_kv_heads=1, llm_head_dim=4, vocab_size=50, vision_mlp_matrices=3, temporal_patch_size=2,
+                  projector_group=4, vision_head_dim=4)
+
+
+def qwen_tiny_ledger() -> TokenLedger:
+    """4 frames = 2 rows of 4x4 patches; block 0 in two 8-patch windows per row, block 1 on whole rows;
+    2x2 merge to 4 tokens a row, 5 text tokens, no special tokens: 13 tokens at both decoder layers."""
+    return TokenLedger(input_frames=4, embedded_tokens=32,
+                       vision_layers=[VisionLayerEntry(2, 16, attention_pairs=2 * (8**2 + 8**2)), VisionLayerEntry(2, 16)],
+                       vision_out_frames=2, vision_out_tokens_per_frame=16, pooled_tokens_per_frame=4,
+                       visual_tokens_before_pre_llm=8, visual_tokens_after_pre_llm=8, text_tokens=5, special_tokens=0,
+                       llm_layers=[13, 13])
+
+
+def test_exact_protocol_on_qwen_geometry_matches_a_count_written_out_by_hand():
+    report = count_flops(qwen_tiny_ledger(), QTINY, "exact")
+    patch = 32 * (3 * 2 * 2 * 2) * 8  # 3-D patches: channels x temporal x p x p -> D
+    linear = 2 * (4 * 16 * 8 * 8 + 3 * 16 * 8 * 12)  # per block: qkv + proj, gate/up/down on 2 rows of 16
+    attention = 2 * 256 * 8 + 2 * (2 * 16**2) * 8  # 2 x pairs x D: windows, then whole rows
+    merger = 2 * 4 * (32 * 32 + 32 * 12)  # 4 merged tokens a row: Linear(4D -> 4D), Linear(4D -> D_llm)
+    layer = 2 * 13 * 12 * 12 + 2 * 13 * 12 * 4 + 2 * 13**2 * 12 + 3 * 13 * 12 * 20
+    assert report.vision_T == pytest.approx(2 * (patch + 2 * linear + attention) / 1e12)
+    assert report.projector_T == pytest.approx(2 * merger / 1e12)
+    assert report.llm_T == pytest.approx(2 * (2 * layer + 12 * 50) / 1e12)
+
+
+def test_paper_protocol_on_qwen_geometry_is_eq8_on_all_patches_and_the_video_tokens():
+    """One 32-patch sequence per block with a two-matrix FFN (windows, rows and SwiGLU ignored), 8 LLM tokens."""
+    report = count_flops(qwen_tiny_ledger(), QTINY, "paper")
+    assert report.vision_T == pytest.approx(2 * eq8_layer(32, 8, 12) / 1e12)
+    assert report.llm_T == pytest.approx(2 * eq8_layer(8, 12, 20) / 1e12)
+
+
+def test_new_dims_defaults_keep_the_siglip_projector_and_full_row_attention():
+    """Defaults (2-matrix MLP, 2-D patches, one token per projector input, full rows) are LLaVA-OV's."""
+    explicit = ModelDims(**{**TINY.__dict__, "vision_mlp_matrices": 2, "temporal_patch_size": 1, "projector_group": 1,
+                            "vision_head_dim": TINY.vision_hidden // TINY.vision_heads})
+    full_rows = tiny_ledger()
+    full_rows.vision_layers = [VisionLayerEntry(1, 4, attention_pairs=16)] * 2
+    assert count_flops(tiny_ledger(), explicit, "exact") == count_flops(full_rows, TINY, "exact")
+    assert count_flops(tiny_ledger(), explicit, "exact") == count_flops(tiny_ledger(), TINY, "exact")

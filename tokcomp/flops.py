@@ -1,4 +1,62 @@
-"""Prefill FLOPs (provisional docstring)."""
+"""Prefill FLOPs of one run, read from its token ledger, under two protocols.
+
+Both protocols read only the ``TokenLedger`` (what actually ran) and a ``ModelDims`` (the model's
+sizes), so the counter knows nothing about any model module or strategy. All values are in T
+(1e12 units). One counter serves LLaVA-OneVision (SigLIP, 2-layer projector, Qwen2) and Qwen2.5-VL
+(windowed ViT on 3-D patches, 2x2 patch merger, Qwen2); ``ModelDims``' family fields
+(``vision_mlp_matrices``, ``temporal_patch_size``, ``projector_group``) default to LLaVA-OV's.
+
+``paper`` reproduces the EarlyTom tables (see ``/work/shared/specs/flops-protocol.md``, section 2):
+Eq. 8, ``F(L; D, M) = 4LD^2 + 2L^2D + 2LDM`` multiply-adds counted once (no factor 2, no GQA, no
+SwiGLU third matrix, no patch embedding, projector or lm_head). The vision encoder is counted as if
+all of the video's patch tokens were one long sequence (all frames for LLaVA, all temporal patches
+for Qwen2.5-VL, whose windows are ignored too), and the LLM sees only the video tokens (text and
+special tokens such as LLaVA's newline are ignored). It reproduces the OneVision 0.5B/7B rows of
+Tables 1, 2 and 6 (vanilla, VisionZip/FastVID/DyCoke, FastV, HoliTom, LLaVA-Video vanilla, and
+EarlyTom's vision term given its per-layer frame counts) to within 1% after rounding to 0.1 T;
+HoliTom OV-7B 25% gives 48.945, which rounds to 48.9 where the paper prints 49.0.
+
+``exact`` counts what the hardware does in our adapter, 2 FLOPs per multiply-add: the patch
+embedding (a 2-D conv, or Qwen2.5-VL's 3-D conv over 2 frames), then every encoder layer: Q/K/V/O
+projections of every token, QK^T and AV over the layer's attention segments (SigLIP: each frame;
+Qwen2.5-VL: 112-px windows, or whole temporal rows in its full-attention blocks, as the ledger's
+``attention_pairs`` records), and the MLP (SigLIP: 2 matrices; Qwen2.5-VL: SwiGLU, 3); then the
+projector (LLaVA: 2 layers on every frame token; Qwen2.5-VL: the merger's two Linears on every
+concatenated 2x2 unit), the Qwen2 prefill on the whole prompt (text, visual and special tokens) with
+GQA K/V, full (uncausal) L^2 attention as the kernels compute it and a 3-matrix SwiGLU MLP, plus
+lm_head on the last position only. Attention statistics that strategies compute outside the model's
+own forward are reported separately as ``strategy_T``. Norms, softmax, activations, rotary
+embeddings and the bilinear pooling are elementwise and not counted; neither are biases.
+``tests/test_flops_measured.py`` (LLaVA-OV) and ``tests/test_flops_qwen.py`` (Qwen2.5-VL, tiny and
+3B layer sizes) check it against torch's FlopCounterMode: the Qwen2.5-VL terms agree exactly.
+
+Qwen2.5-VL-7B, Table 7 (554.7 T full; 91.9 T for both average pooling and uniform subsampling to
+15%; 67.7 T EarlyTom), is not reproduced and cannot be (flops-protocol.md, section 6). Applying
+Eq. 8 as the paper does for LLaVA (ViT 32 x D 1280 / M 3420 on one sequence of all patches; Qwen2
+28 x 3584 / 18944 on the video tokens) at its setting, 768 frames = 384 temporal rows and a
+"23k-token context", with the per-row patch grids that give about 23k merged tokens (no prompt text):
+
+====================  ========  ======  ==========================  ================
+grid (px)             patches   tokens  Eq. 8 vision + LLM = total  exact (FLOPs)
+====================  ========  ======  ==========================  ================
+12x20 (168x280)       92 160    23 040  740.9 + 227.3 = 968.2 T     633.3 T
+10x24 (140x336)       92 160    23 040  740.9 + 227.3 = 968.2 T     633.4 T
+14x16 (196x224)       86 016    21 504  648.2 + 205.5 = 853.8 T     577.9 T
+16x16 (224x224)       98 304    24 576  839.8 + 250.0 = 1089.8 T    690.9 T
+====================  ========  ======  ==========================  ================
+
+The single-sequence vision term alone (L = 92 160 patches; its 2L^2D part is 94% of it) exceeds the
+paper's whole 554.7 T. At 15% on the 12x20 grid Eq. 8 gives 761.4 T for average pooling (encoder
+kept, 3 456 LLM tokens) and 43.4 T for uniform subsampling to 116 frames (58 rows, 3 480 tokens):
+the two baselines cannot share one number, yet Table 7 prints 91.9 T for both. Eq. 8 reaches 554.7 T
+only at about 564 frames of that grid (16.9k tokens), where pooling to 15% would still be ~423 T.
+The exact count (vision 117.5 T with windows, merger 2.05 T, LLM 513.8 T at 23 040 tokens) does not
+fit either: 633.3 T full, 169.4 T pooled, 68.3 T subsampled. Section 6's solve of the two baseline
+rows (only 2 x MAC counting with GQA/SwiGLU gives ~23k LLM tokens, and then a 42 T vision term, far
+below the ~118 T the 92k patches cost) points to a different counter (a profiler) and an unstated
+video configuration. No constant here is tuned to those numbers; ``tests/test_flops_qwen.py``
+recomputes this table.
+"""
 
 from __future__ import annotations
 
