@@ -149,7 +149,7 @@ def test_exact_protocol_agrees_with_fvcore_on_vision_and_llm(request, frames, na
     adapter, pixels = adapter_and_pixels(request, name, frames)
     ledger = run_with(adapter, pixels, [], max_new_tokens=1).ledger
     report = count_flops(ledger, dims_from_config(adapter.config), "exact")
-    vision = fvcore_macs(VisionEncoder(adapter._vision()), pixels)
+    vision = fvcore_macs(VisionEncoder(adapter.vision), pixels.pixels)
     embeds = torch.randn(1, ledger.llm_layers[0], adapter.config.text_config.hidden_size, dtype=adapter.dtype)
     llm = fvcore_macs(Prefill(adapter.language_model, adapter.model.lm_head), embeds)
     assert 2 * vision == pytest.approx(report.vision_T * TERA, rel=0.02)

@@ -24,7 +24,7 @@ CASES = [
 def test_planned_ledger_equals_the_recorded_one(plugins, tiny, pixels, spec):
     strategies = [plugins.strategy(name).from_params(params) for name, params in spec]
     recorded = run_with(tiny, pixels, strategies, max_new_tokens=1).ledger
-    planned = plan_ledger(tiny.info, pixels.shape[0], recorded.text_tokens, strategies)
+    planned = plan_ledger(tiny, pixels.frames, recorded.text_tokens, strategies)
     planned.new_tokens = recorded.new_tokens
     assert planned.to_dict() == recorded.to_dict()
 
@@ -47,4 +47,4 @@ def test_data_dependent_strategy_has_no_plan(plugins, tiny, tmp_path):
             pass
 
     with pytest.raises(ScheduleUnknown, match="'similarity_merge' has a data-dependent token schedule"):
-        plan_ledger(tiny.info, 8, 10, [Similarity()])
+        plan_ledger(tiny, 8, 10, [Similarity()])
