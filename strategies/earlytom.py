@@ -9,7 +9,7 @@ Stage 2, ``earlytom.decoupled_select`` (pre-LLM): with r_hat = min(r * B / N, 1)
 tail frames of each segment (every frame of a segment of one or two) keep their top ceil(L * r_hat)
 tokens by importance; middle frames keep the argmax of each of round(L * r_hat) windows, which
 spreads them over the frame instead of piling onto attention sinks. Frames stay in temporal
-order, tokens in spatial order, the newline last.
+order, tokens in spatial order (the framework keeps the newline and re-emits it after the video).
 
 Stage 3 is HoliTom's inner-LLM merge (``holitom.inner_merge``, layer 18, ratio 0.5), composed in YAML.
 
@@ -99,7 +99,7 @@ class FrameMerge(Strategy):
 
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
-        state.meta.setdefault(INPUT_FRAMES, len({f for sources in state.frame_sources for f in sources}))
+        state.meta.setdefault(INPUT_FRAMES, state.num_frames)  # rows before any merge (Qwen: temporal patches)
         rows = merge_plan(state.hidden, self.variant, self.tau_seg, self.alpha, self.M, self.tau_merge)
         attention = None if state.attention is None else apply_plan(state.attention, rows)  # whoever asked
         state.replace(apply_plan(state.hidden, rows), plan_sources(rows, state.frame_sources), attention)
@@ -153,7 +153,7 @@ class DecoupledSelect(Strategy):
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         grid = state.frame_grid(self.name)
         frames, tokens = grid.shape
-        base = self.base_frames or state.meta.get(INPUT_FRAMES) or len({f for s in state.frame_sources for f in s})
+        base = self.base_frames or state.meta.get(INPUT_FRAMES) or state.num_frames  # rows, not input frames
         r_hat = rescaled_ratio(self.ratio, base, frames)
         dynamic = segment_ends(self._segments(state, grid), frames).to(grid.device)
         scores = self._scores(state, grid)

@@ -1,0 +1,283 @@
+"""Qwen2.5-VL (transformers ``Qwen2_5_VLForConditionalGeneration``) as tokcomp primitives.
+
+The model's own modules, one at a time: 3-D patch embedding (a row = one temporal patch of 2
+frames), vision blocks (attention within windows, or whole rows in ``fullatt_block_indexes``; 2-D
+rotary positions), the 2x2 patch merger, Qwen's chat prompt, M-RoPE positions from the model's
+``get_rope_index``, the Qwen2 decoder. Encoder tokens are in the processor's (spatial) order: 2x2
+merge units in raster order, a unit's 4 patches consecutive; each vision block permutes them into
+the model's window order and back, so it computes exactly what the stock forward does.
+
+Frame size follows the video (``qwen_video``): ``min_pixels`` to ``max_pixels`` per frame
+(``PIXEL_BOUNDS``); ``model.image_size = S`` caps a frame at S*S pixels, with any weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from tokcomp.models import qwen_tokenizer as qtok
+from tokcomp.models import qwen_video as qvid
+from tokcomp.models.dims import dims_from_qwen2_5_vl_config
+from torch import Tensor
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+from transformers.utils.generic import get_max_seqlen
+
+from tokcomp.adapter import QK, ModelDescription, PromptLayout, VideoInput, VisionOutput
+from tokcomp.config import GeneratedVideoConfig
+from tokcomp.errors import ConfigError
+from tokcomp.state import StrategyContractError
+from tokcomp.strategy import ModelInfo
+
+FAMILY, TINY = "qwen2_5_vl", "qwen2.5-vl-tiny"
+PRESET_HUB_IDS = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
+PIXEL_BOUNDS = {TINY: (112 * 112, 112 * 112)}  # per-frame (min, max) pixels; others: qwen_video's defaults
+CAPABILITIES: frozenset[str] = frozenset()  # no intra-encoder hook: the blocks need the full patch grid
+DTYPES = dict(float32=torch.float32, fp32=torch.float32, bfloat16=torch.bfloat16, bf16=torch.bfloat16,
+              float16=torch.float16, fp16=torch.float16)
+# the decoder's cache keyword: `cache` in transformers 5.2x (`past_key_values` deprecated), `past_key_values` before
+_CACHE_KW = "cache" if "cache" in inspect.signature(qwen.Qwen2_5_VLTextModel.forward).parameters else "past_key_values"
+
+
+def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
+    """Per-frame (min_pixels, max_pixels): the preset's, capped at image_size**2 when given."""
+    return qvid.pixel_bounds(PIXEL_BOUNDS.get(preset, (qvid.MIN_PIXELS, qvid.MAX_PIXELS)), spec.image_size)
+
+
+def _checkpoint(spec: Any, preset: str) -> str | None:
+    """The hub id or path to load, None for random weights."""
+    if spec.weights == "random":
+        return None
+    source = PRESET_HUB_IDS.get(preset) if spec.weights == "pretrained" else spec.weights
+    if source is None:
+        raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
+    return source
+
+
+def preset_config(spec: Any, preset: str) -> Qwen2_5_VLConfig:
+    """The model config a build of ``preset`` with ``spec`` would use, without building weights."""
+    source = _checkpoint(spec, preset)
+    if source is None:
+        tokenizer = qtok.load_tokenizer(None)
+        return qtok.tiny_config(tokenizer) if preset == TINY else qtok.bundled_config(preset, tokenizer)
+    try:
+        return Qwen2_5_VLConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the config of weights {source!r}: {exc}") from exc
+
+
+def description_from_config(config: Qwen2_5_VLConfig, preset: str, bounds: tuple[int, int],
+                            count_prompt: Any) -> ModelDescription:
+    """The weight-free geometry: rows of temporal patches whose patch grid follows each video's frame
+    size (default: tokcomp's generated video), merged 2x2 for the LLM; no special tokens; M-RoPE."""
+    v, t, nominal = config.vision_config, config.text_config, GeneratedVideoConfig()
+    grid, merge = qvid.nominal_grid(v, bounds), v.spatial_merge_size
+    info = ModelInfo(name=preset, vision_layers=v.depth, vision_grid=grid,
+                     pooled_grid=(grid[0] // merge, grid[1] // merge), llm_layers=t.num_hidden_layers,
+                     llm_hidden=t.hidden_size, family=FAMILY, capabilities=CAPABILITIES)
+
+    def video(frames: int, height: int | None = None, width: int | None = None) -> VideoInput:
+        size = (height or nominal.height, width or nominal.width)
+        return qvid.video_geometry(v, frames, *size, bounds, model=preset).video_input(None, torch.device("cpu"))
+
+    def llm_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:  # the merger needs the full grid
+        return (grid[0] // merge, grid[1] // merge) if grid[0] * grid[1] == tokens else (1, tokens // merge**2)
+
+    return ModelDescription(
+        info=info, dims=dims_from_qwen2_5_vl_config(config, grid), count_prompt=count_prompt, video=video,
+        llm_grid=llm_grid, specials=0, position_rank=3, contiguous_positions=False, vision_hidden=v.hidden_size,
+        attention_pairs=lambda index, rows, tokens, vid: qvid.attention_pairs(v, index, rows, tokens, vid.grid))
+
+
+def describe(spec: Any, preset: str) -> ModelDescription:
+    """The model's description (info, dims, prompt-token counter, geometry), without building weights."""
+    tokenizer = qtok.load_tokenizer(_checkpoint(spec, preset))
+    return description_from_config(preset_config(spec, preset), preset, pixel_bounds(spec, preset),
+                                   lambda prompt: qtok.count_text_tokens(tokenizer, prompt))
+
+
+def random_model(config: Qwen2_5_VLConfig, dtype: torch.dtype, attn: str, seed: int):
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = attn
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(spec: Any, preset: str) -> Qwen2_5_VLAdapter:
+    """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {spec.dtype!r}; use one of {sorted(DTYPES)}")
+    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={spec.device!r} but no CUDA device is available here")
+    bounds, source, dtype = pixel_bounds(spec, preset), _checkpoint(spec, preset), DTYPES[spec.dtype]
+    if source is None:
+        model = random_model(preset_config(spec, preset), dtype, spec.attn_implementation, spec.seed)
+    else:
+        try:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                source, dtype=dtype, attn_implementation=spec.attn_implementation)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load weights {source!r}: {exc}") from exc
+    model.to(spec.device).eval()
+    return Qwen2_5_VLAdapter(model, qtok.load_tokenizer(source), preset, *bounds)
+
+
+class Qwen2_5_VLAdapter:
+    """The primitives of ``tokcomp.adapter.ModelAdapter`` for one Qwen2.5-VL instance."""
+
+    family = FAMILY
+    contiguous_positions = False  # M-RoPE: kept tokens keep their (t, h, w) positions
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, tokenizer: Any, preset: str,
+                 min_pixels: int = qvid.MIN_PIXELS, max_pixels: int = qvid.MAX_PIXELS):
+        self.model, self.tokenizer, self.preset, self.config = model, tokenizer, preset, model.config
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.visual, self.language_model = model.model.visual, model.model.language_model
+        self.description = description_from_config(self.config, preset, (min_pixels, max_pixels),
+                                                   lambda prompt: qtok.count_text_tokens(tokenizer, prompt))
+        self.info, self.dims = self.description.info, self.description.dims
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config.text_config._attn_implementation or "eager"
+
+    @property
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    def eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = self.config.text_config.eos_token_id if eos is None else eos
+        return set() if eos is None else set(eos) if isinstance(eos, list | tuple) else {int(eos)}
+
+    def decode_text(self, ids: list[int]) -> str:
+        return qtok.decode_ids(self.tokenizer, ids)
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def preprocess(self, frames: Tensor, fps: float | None = None) -> VideoInput:
+        """uint8 (T, H, W, 3) -> patches in the stock processor's order (``qwen_video``); ``fps``: the
+        rate the frames were sampled at (unknown: Qwen's default 2.0), which spaces M-RoPE time."""
+        pixels, geometry = qvid.process_video(frames, self.config.vision_config, (self.min_pixels, self.max_pixels),
+                                              fps, self.preset)
+        return geometry.video_input(pixels.to(self.device, self.dtype), self.device, fps)
+
+    def prompt(self, text: str, video: VideoInput, visual: int) -> PromptLayout:
+        """Chat-formatted ids with ``visual`` video placeholders between vision start and end."""
+        pre, post = (self.tokenizer(s, add_special_tokens=False).input_ids for s in qtok.chat_segments(text))
+        ids = pre + [self.config.video_token_id] * visual + post
+        return PromptLayout(torch.tensor([ids], device=self.device), len(pre), visual)
+
+    def full_positions(self, layout: PromptLayout, video: VideoInput) -> Tensor:
+        """(3, L) M-RoPE positions of the uncompressed prompt, from the model's ``get_rope_index``."""
+        full = video.rows * video.llm_grid[0] * video.llm_grid[1]
+        if layout.visual != full:
+            raise ValueError(f"full_positions needs the uncompressed prompt ({full} video tokens), got {layout.visual}")
+        types = (layout.ids == self.config.video_token_id).int() * 2  # mm_token_type_ids: 2 = video
+        positions, _ = self.model.model.get_rope_index(
+            layout.ids, mm_token_type_ids=types, video_grid_thw=video.extra["grid_thw"],
+            second_per_grid_ts=video.extra["second_per_grid_ts"])
+        return positions[:, 0]
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.language_model.embed_tokens(ids)
+
+    # ---- vision encoder ----------------------------------------------------------------------
+    def _geometry(self, video: VideoInput, rows: int, tokens: int) -> dict[str, Any]:
+        """``qwen_video.window_geometry`` for ``rows`` rows of this video's grid, cached in ``video.extra``."""
+        if tokens != video.grid[0] * video.grid[1]:
+            raise StrategyContractError(f"{self.preset}: vision blocks need the full {video.grid} patch grid per row "
+                                        f"(windows, 2-D rotary positions); got {tokens} tokens")
+        cache = video.extra.setdefault("qwen_geometry", {})
+        if rows not in cache:
+            cache[rows] = qvid.window_geometry(self.visual, rows, video.grid, self.device)
+        return cache[rows]
+
+    def embed_video(self, video: VideoInput) -> Tensor:
+        """Patch embeddings (rows, tokens, D_vision) in the processor's (spatial) order."""
+        hidden = self.visual.patch_embed(video.pixels)
+        return hidden.view(video.rows, -1, hidden.shape[-1])
+
+    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
+        """Vision block ``index`` on (rows, tokens, D) in spatial order, run in the model's window order."""
+        if sizes is not None:
+            raise NotImplementedError("Qwen2.5-VL vision blocks do not support proportional attention (token sizes)")
+        rows, tokens, dim = hidden.shape
+        g = self._geometry(video, rows, tokens)
+        cu = g["cu_full"] if index in self.visual.fullatt_block_indexes else g["cu_window"]
+        x = hidden.reshape(rows * tokens, dim)[g["order"]]
+        x = self.visual.blocks[index](x, cu_seqlens=cu, max_seqlen=get_max_seqlen(cu, self.visual.config),
+                                      position_embeddings=g["rope_window"])
+        return x[g["inverse"]].view(rows, tokens, dim)
+
+    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput) -> int | None:
+        """Query-key pairs of block ``index``: the sum of squared segment lengths (rows, or windows)."""
+        return qvid.attention_pairs(self.config.vision_config, index, rows, tokens, video.grid)
+
+    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput) -> QK:
+        """Rotated queries (when asked) and keys of block ``index`` for its input (rows, tokens, D), as
+        (rows, heads, tokens, head_dim) in spatial order; windowed blocks give per-row window ids."""
+        rows, tokens, dim = hidden.shape
+        g, block = self._geometry(video, rows, tokens), self.visual.blocks[index]
+        qkv = block.attn.qkv(block.norm1(hidden.reshape(rows * tokens, dim)))
+        q, k, _ = qkv.reshape(rows * tokens, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = qwen.apply_rotary_pos_emb_vision(q, k, *g["rope"])
+        q, k = (x.view(rows, tokens, block.attn.num_heads, -1).transpose(1, 2) for x in (q, k))
+        segments = None if index in self.visual.fullatt_block_indexes else g["segments"]
+        return QK(q if queries else None, k, block.attn.scaling, segments)
+
+    def vision_to_llm(self, hidden: Tensor, grid: tuple[int, int], stats: dict[str, Tensor],
+                      video: VideoInput) -> VisionOutput:
+        """The 2x2 patch merger -> (rows, h/2, w/2, D_llm); statistics averaged over each merge unit."""
+        rows, tokens, dim = hidden.shape
+        merge = self.visual.spatial_merge_size
+        if tuple(grid) != tuple(video.grid) or tokens != grid[0] * grid[1]:
+            raise StrategyContractError(f"{self.preset}: the patch merger needs the full {video.grid} grid per row, "
+                                        f"got {tokens} tokens on grid {tuple(grid)}")
+        h, w = grid[0] // merge, grid[1] // merge
+        features = self.visual.merger(hidden.reshape(rows * tokens, dim)).view(rows, h, w, -1)
+        pooled = {name: v.float().reshape(rows, h * w, merge * merge, *v.shape[2:]).mean(2)
+                  .reshape(rows, h, w, *v.shape[2:]) for name, v in stats.items()}
+        return VisionOutput(features, pooled, features.new_zeros(0, features.shape[-1]))
+
+    # ---- language model ----------------------------------------------------------------------
+    def new_cache(self):
+        from tokcomp.decoding import DecoderCache  # the one place that knows where the core keeps it
+
+        return DecoderCache(config=self.language_model.config)
+
+    def forward_llm(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        """Logits (1, vocab) of the last position; positions (3, L) or (3, 1, L) (a single row is broadcast)."""
+        positions = (positions[:, None, :] if positions.dim() == 2 else positions).expand(3, -1, -1)
+        out = self.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{_CACHE_KW: cache})
+        return self.model.lm_head(out.last_hidden_state[:, -1])
+
+    def decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
+                   past_keys: Tensor | None = None) -> QK:
+        """Rotated queries of the entries ``query_idx`` (heads, Q, head_dim) and keys of every entry,
+        after ``past_keys`` (a layer's cache, already rotated) when given, KV heads repeated (heads, L, head_dim).
+        ``position_embeddings``: the layer's (cos, sin), (1, L, head_dim) after the M-RoPE recomposition."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, _ = qwen.apply_rotary_pos_emb(q, q, cos[:, query_idx], sin[:, query_idx])
+        _, k = qwen.apply_rotary_pos_emb(k, k, cos, sin)
+        if past_keys is not None:
+            k = torch.cat([past_keys.to(k.dtype), k], dim=2)
+        return QK(q[0], qwen.repeat_kv(k, attn.num_key_value_groups)[0], attn.scaling)
