@@ -136,25 +136,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repea
 
 def outer_merge_stage(x: torch.Tensor, ratio: float, tau: float) -> Callable[[], object]:
     """A call of the whole ``holitom.outer_merge`` pre-LLM hook on tokens built from x (T, P, D),
-    square grid, random attention scores, plus the newline (the tokens are rebuilt on every call)."""
+    square grid, random attention scores (the tokens are rebuilt on every call). Content tokens only,
+    as the pipeline hands them over: the framework keeps LLaVA's newline itself."""
     from tokcomp.strategies.holitom import OuterMerge
 
     from tokcomp.state import VisualTokens
 
     frames, positions, dim = x.shape
     side = int(positions**0.5)
-    n, dev = frames * positions + 1, x.device
+    n, dev = frames * positions, x.device
     scores = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(dev)
     cells = torch.arange(positions, device=dev).repeat(frames)
-    minus1 = torch.tensor([-1], device=dev)
-    features = torch.cat([x.reshape(-1, dim), x.new_zeros(1, dim)])
+    features = x.reshape(-1, dim)
     strategy = OuterMerge(ratio=ratio, tau=tau)
 
     def call() -> None:
         tokens = VisualTokens(
-            features=features, frame=torch.cat([torch.arange(frames, device=dev).repeat_interleave(positions), minus1]),
-            row=torch.cat([cells // side, minus1]), col=torch.cat([cells % side, minus1]),
-            is_newline=torch.arange(n, device=dev) == n - 1, source=torch.arange(n, device=dev),
+            features=features, frame=torch.arange(frames, device=dev).repeat_interleave(positions),
+            row=cells // side, col=cells % side, source=torch.arange(n, device=dev),
             frame_sources=[[t] for t in range(frames)], grid=(side, side), scores=scores)
         strategy.tokcomp_pre_llm(tokens)
 
@@ -167,6 +166,7 @@ def measured_ttft(frames: int, device: torch.device, repeats: int) -> dict[str, 
 
     from tokcomp.strategies.holitom import OuterMerge
 
+    from tokcomp.pipeline import run
     from tokcomp.plugins import Plugins
     from tokcomp.stack import CompressionStack
     from tokcomp.video import generate_video, uniform_frame_indices
@@ -175,13 +175,14 @@ def measured_ttft(frames: int, device: torch.device, repeats: int) -> dict[str, 
                            image_size=None, seed=0)
     adapter = Plugins().model("llava-onevision-0.5b").build(spec)
     clip, _ = generate_video(length=max(96, frames), height=128, width=128, shots=4, seed=1)
-    pixels = adapter.preprocess(clip[uniform_frame_indices(clip.shape[0], frames)])
+    video = adapter.preprocess(clip[uniform_frame_indices(clip.shape[0], frames)])
+    info = adapter.info.for_video(video.grid, video.llm_grid)  # the grids of this run's video
     runs = []
     for configuration in ([], [OuterMerge(ratio=0.1)]):
-        stack = CompressionStack(configuration, adapter.info)
+        stack = CompressionStack(configuration, info)
         try:
-            timings = [adapter.run(pixels, "Describe what's happening in this video.", stack, max_new_tokens=1,
-                                   min_new_tokens=1).timings for _ in range(repeats + 1)][1:]
+            timings = [run(adapter, video, "Describe what's happening in this video.", stack, max_new_tokens=1,
+                           min_new_tokens=1).timings_ms for _ in range(repeats + 1)][1:]
         finally:
             stack.close()
         runs.append({key: statistics.median(t[key] for t in timings) for key in timings[0]})

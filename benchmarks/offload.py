@@ -18,14 +18,13 @@ from tokcomp.state import VisualTokens
 
 
 def make_tokens(frames: int, dim: int, device: str, segments: list[tuple[int, int]]) -> VisualTokens:
-    n = frames * 196 + 1
+    """The pre-LLM tokens of ``frames`` 14x14 grids (content only: the framework keeps the newline)."""
+    n = frames * 196
     cells = torch.arange(196).repeat(frames)
     frame = torch.arange(frames).repeat_interleave(196)
-    minus1 = torch.tensor([-1])
     return VisualTokens(
         features=torch.randn(n, dim, device=device, dtype=torch.bfloat16),
-        frame=torch.cat([frame, minus1]).to(device), row=torch.cat([cells // 14, minus1]).to(device),
-        col=torch.cat([cells % 14, minus1]).to(device), is_newline=(torch.arange(n) == n - 1).to(device),
+        frame=frame.to(device), row=(cells // 14).to(device), col=(cells % 14).to(device),
         source=torch.arange(n, device=device), frame_sources=[[f] for f in range(frames)], grid=(14, 14),
         scores=torch.rand(n, device=device), meta={"earlytom.segments": segments, "earlytom.input_frames": frames},
     )

@@ -6,10 +6,8 @@ tokcomp side is ``tokcomp.pipeline.run`` with no strategy and one new token (its
 splice, ledger, stage clock and prefill). Passes alternate in one process and the medians are
 compared, so load on a shared machine hits both alike.
 
-    python -P benchmarks/overhead.py [--model llava-onevision-0.5b] [--frames 4] [--dtype bfloat16]
+    python benchmarks/overhead.py [--model llava-onevision-0.5b] [--frames 4] [--dtype bfloat16]
                                   [--repeats 7] [--height 336 --width 336]
-
-(``-P``: benchmarks/kernels.py would otherwise shadow the ``kernels`` package transformers imports.)
 """
 
 from __future__ import annotations
@@ -72,9 +70,8 @@ def main() -> None:
     tokcomp_pass(), stock_pass()  # warm-up
     ours, theirs = [], []
     for i in range(args.repeats):
-        for name, fn, into in (("tokcomp", tokcomp_pass, ours), ("stock", stock_pass, theirs))[:: 1 if i % 2 else -1]:
-            ms, token = fn()
-            into.append((ms, token))
+        for fn, into in ((tokcomp_pass, ours), (stock_pass, theirs))[:: 1 if i % 2 else -1]:
+            into.append(fn())
     tokens = {t for _, t in ours} | {t for _, t in theirs}
     a, b = statistics.median(m for m, _ in ours), statistics.median(m for m, _ in theirs)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

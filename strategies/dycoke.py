@@ -8,7 +8,8 @@ position of their reference frame: frame i+1 against frame i for the pairs (0, 1
 then frame i+2 against frame i for i = 0, 4, ... while i < T - 4. That bound skips the last group,
 so for T = 32 the per-frame counts are 196, 58, 58, 58 for frames 0-27 and 196, 58, 196, 58 for
 frames 28-31 (3098 video tokens). Kept tokens of a pruned frame come out in ascending-similarity
-order (the official ``topk(largest=False)``), frames in temporal order, the newline token last.
+order (the official ``topk(largest=False)``), frames in temporal order (the framework re-emits the
+newline after the video).
 ``spatial_order: true`` sorts each pruned frame's tokens by position instead. The counts depend
 only on T, P and k, so the strategy declares them (``plan_pre_llm``).
 
@@ -35,7 +36,7 @@ Deviations from the official code:
   is unspecified).
 - Per-position similarity needs every frame to hold the same grid positions in the same order;
   other inputs (e.g. after another pre-LLM strategy dropped tokens unevenly) are a ConfigError.
-  The newline tokens (one on LLaVA-OV) are placed after all frames.
+  Special tokens (LLaVA-OV's newline) never reach the strategy: the framework keeps them.
 - The official forward forces ``output_attentions`` in every decoder layer on every call (extra
   memory and time, no effect on the outputs). Here only layer L-1's attention row of the new token
   is computed, so decode speed is not handicapped the way the paper's Table 1 shows.

@@ -1,10 +1,10 @@
 """FastV (inner-LLM): at decoder layer K keep the visual tokens the last token attends to most.
 
 The score is layer K-1's attention row of the last prompt token, averaged over heads, restricted
-to the visual tokens (the newline counts as visual). Only that row is computed (q of one token
-against all keys), so the model keeps its fast attention. Kept tokens keep their original
-positions ("inplace" mode); ``ratio`` is the fraction of visual tokens *kept* (the paper's R is the
-fraction dropped: R=50% is ratio 0.5).
+to the visual tokens (the newline is a special token the framework keeps like text). Only that
+row is computed (q of one token against all keys), so the model keeps its fast attention. Kept
+tokens keep their original positions ("inplace" mode); ``ratio`` is the fraction of visual tokens
+*kept* (the paper's R is the fraction dropped: R=50% is ratio 0.5).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ What runs on the spliced visual tokens (projected, pooled; ``tokcomp.ops.fastvid
    as the only anchor. Redundant frames thus cost context tokens only once per p frames.
 5. Kept tokens are sorted by their index in the uncompressed sequence and keep it as their
    position id (``state.original_positions``; gaps stay, as the official code passes the kept
-   indices as ``position_ids``); a merged token takes its pick's index. The newline stays, last.
+   indices as ``position_ids``); a merged token takes its pick's index. The framework keeps the
+   newline and re-emits it after the video at its uncompressed position.
 
 Defaults are the official ones (``scripts/eval.sh``; EarlyTom's ``eval_ov-7b_fastvid.sh``):
 dyseg_c=8, dyseg_tau=0.9, stprune_d=0.4, dtm_p=4, dtm_beta=0.6, DPC-KNN k=4. The scripts sweep

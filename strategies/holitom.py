@@ -18,11 +18,11 @@ Outer-LLM, ``holitom.outer_merge`` (pre-LLM, on the projected and pooled feature
    (non-static) tokens by the received attention of vision layer ``layer`` (default -1: the last one,
    what HoliTom's vendored SigLIP returns), pooled like the features. A one-frame window is all dynamic.
 5. Output: per window in temporal order [static cluster tokens, dynamic tokens frame by frame], each
-   part in spatial order, then the newline. A merged token takes the geometry (frame, row, col, source)
-   of its centre in the window's first frame, and as score the centre position's attention averaged
-   over the window's frames (the official static attention); keys, saliency and group, when present,
-   are the centre's too. ``state.meta["holitom.windows"]`` records the windows. Positions stay
-   contiguous, as in LLaVA.
+   part in spatial order (the framework re-emits the newline after the video). A merged token takes
+   the geometry (frame, row, col, source) of its centre in the window's first frame, and as score the
+   centre position's attention averaged over the window's frames (the official static attention);
+   keys, saliency and group, when present, are the centre's too. ``state.meta["holitom.windows"]``
+   records the windows. Positions stay contiguous, as in LLaVA.
 
 Defaults are the official code defaults (environment variables in brackets): ratio 0.1 (RETAIN_RATIO),
 tau 0.8 (T; the scripts use 0.65 at ratio 0.10 and 0.80 otherwise), k 7 (K), beta 0.6 (BETA),
@@ -53,8 +53,8 @@ to most and merge every other visual token into its most similar kept token.
 
 What runs before decoder layer ``layer`` (K) during prefill:
 
-1. Score the visual tokens (the newline counts as visual) by layer K-1's attention row of the
-   last prompt token, averaged over heads (the same statistic as FastV).
+1. Score the visual tokens (the newline is the framework's special token, kept like text) by layer
+   K-1's attention row of the last prompt token, averaged over heads (the same statistic as FastV).
 2. Keep the top ``round(L_v * (1 - ratio))`` of the L_v visual tokens (Python ``round``, halves to
    even; at least one). ``ratio`` is the fraction of visual tokens **merged away**, HoliTom's
    ``HOLITOM_r`` (0.5 by default): the opposite direction to ``fastv.ratio``, which is the

@@ -22,12 +22,13 @@ Stage 1, ``prunevid.outer`` (pre-LLM), on the pooled tokens of every frame:
    means; each frame's dynamic tokens likewise, but only when there are more than
    ``min_dynamic_tokens`` (14) of them, else they are kept as they are.
 4. Order: per segment [static clusters, then the dynamic tokens frame by frame], segments in
-   temporal order, the newline token last. Positions stay contiguous, as in LLaVA. Each merged
-   token takes its cluster centre's geometry (frame, row, col, source); a static token's frame is
-   its segment's first frame. Importance scores, keys and saliency do not survive the merge.
+   temporal order (the framework re-emits the newline after the video). Positions stay contiguous,
+   as in LLaVA. Each merged token takes its cluster centre's geometry (frame, row, col, source); a
+   static token's frame is its segment's first frame. Importance scores, keys and saliency do not
+   survive the merge.
 5. ``state.group`` labels each token's group for stage 2: the g-th non-empty group in sequence
    order gets ``2g`` if it is a segment's static group, ``2g + 1`` if it is one frame's dynamic
-   group (``tokcomp.ops.prunevid.is_static_label``); the newline gets -1. The segments are also
+   group (``tokcomp.ops.prunevid.is_static_label``). The segments are also
    left in ``state.meta["prunevid.segments"]`` as (first, last) frame rows.
 
 Stage 2, ``prunevid.inner`` (inner-LLM, prefill), after decoder layer ``layer`` (10), so the hook
@@ -36,9 +37,9 @@ runs before layer ``layer + 1``:
 - Score each visual token by layer ``layer``'s attention from all text tokens after the video to
   it, max over heads and over those queries (``text_attention_layers``).
 - Per group, keep the top ceil(n * alpha) tokens (alpha 0.4), so every static group and every
-  frame's dynamic group keeps at least one token; tokens labelled -1 (the newline) are kept. If no
-  visual token has a label >= 0 (``prunevid.outer`` did not run before it), all visual tokens,
-  the newline included, form one group.
+  frame's dynamic group keeps at least one token; visual tokens labelled -1 are kept (the newline
+  is not a visual token: the framework keeps it like text). If no visual token has a label >= 0
+  (``prunevid.outer`` did not run before it), all visual tokens form one group.
 - Drop the rest from the hidden states and from the KV caches of layers 0..layer
   (``keep(..., prune_earlier_cache=True)``); kept tokens keep their original positions.
 
@@ -70,7 +71,7 @@ Deviations from the official code:
 - DPC-KNN density ties are broken by index instead of 1e-6 noise (``tokcomp.ops.cluster``), so
   the stage is deterministic.
 - Stage 2's per-group count rounds up (ceil, at least one), so no frame or segment vanishes
-  entirely; OV's newline token, which PLLaVA does not have, is always kept when groups exist.
+  entirely; OV's newline token, which PLLaVA does not have, is kept by the framework like text.
 """
 
 from __future__ import annotations

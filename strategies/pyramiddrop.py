@@ -2,7 +2,8 @@
 
 Before each decoder layer in ``layers`` the visual tokens still alive are ranked by the previous
 layer's attention row of the last prompt token (the last instruction token), averaged over heads,
-and the top ``int(n * ratio)`` (at least one) are kept; the newline counts as visual, as in FastV.
+and the top ``int(n * ratio)`` (at least one) are kept; the newline is the framework's special token,
+kept like text, as in FastV.
 Kept tokens keep their original positions. With one layer this is FastV; PyramidDrop's point is
 that later layers tolerate far fewer tokens, so the total cost falls faster than the first cut.
 

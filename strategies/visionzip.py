@@ -14,8 +14,9 @@ model, 16 on the tiny one), keep S tokens:
    token is ``target hidden + mean of its members' hidden states``: the target *plus* the mean,
    as the official code does, not their average. A target with no members stays as it is: the
    official code divides by counts clamped to one, so the empty sum adds zero.
-3. Output per frame: [dominant (spatial order), contextual (target order)]. Frames stay in order and
-   the newline goes last. A contextual token takes its target's source, frame, row and col.
+3. Output per frame: [dominant (spatial order), contextual (target order)]. Frames stay in order (the
+   framework re-emits the newline after the video). A contextual token takes its target's source,
+   frame, row and col.
    The optional fields (scores, keys, saliency, group) keep the representative token's values.
 
 S per frame (``tokens_per_frame`` when set, else from ``ratio``): the port sets ``SPATIAL_TOKENS``

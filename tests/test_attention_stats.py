@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import model_spec
+from tokcomp.decoding import last_token_attention
+from tokcomp.pipeline import vision_statistics
+from tokcomp.state import EncoderState
 
 
 def test_received_attention_equals_eager_siglip_weights(plugins, frames):
     adapter = plugins.model("tiny").build(model_spec(attn_implementation="eager"))
-    pixels = adapter.preprocess(frames[:2])
-    layer = adapter._vision().encoder.layers[1]
+    video = adapter.preprocess(frames[:2])
+    layer = adapter.vision.encoder.layers[1]
     with torch.no_grad():
-        h = adapter._vision().encoder.layers[0](adapter._vision().embeddings(pixels), None)
+        h = adapter.vision.encoder.layers[0](adapter.vision.embeddings(video.pixels), None)
         _, weights = layer.self_attn(layer.layer_norm1(h))
-        ours = adapter._received_attention(layer, h)
+        state = EncoderState(layer=0, num_layers=adapter.info.vision_layers, hidden=h, grid=video.grid,
+                             frame_sources=[[0], [1]])
+        ours = vision_statistics(adapter, 1, state, {"attention"}, video)["attention"]
     torch.testing.assert_close(ours, weights.mean(dim=(1, 2)))
 
 
@@ -27,5 +32,5 @@ def test_last_token_attention_equals_eager_decoder_weights(plugins):
         out = lm(input_ids=ids, output_attentions=True, output_hidden_states=True)
         h = out.hidden_states[2]  # input of layer 2
         pe = lm.rotary_emb(h, torch.arange(23)[None])
-        ours = adapter._last_token_attention(lm.layers[2], h, pe)
+        ours = last_token_attention(adapter, lm.layers[2], h, pe)
     torch.testing.assert_close(ours, out.attentions[2][0, :, -1].mean(0))

@@ -108,50 +108,48 @@ def test_ttm_pass_two_prunes_the_third_frame_against_the_group_head_not_its_neig
 
 
 def visual_tokens(feats: torch.Tensor, width: int = 2) -> VisualTokens:
+    """The content tokens of ``feats`` (frames, tokens, D); special tokens never reach a strategy."""
     frames, per = feats.shape[:2]
-    n = frames * per + 1
-    flat = torch.cat([feats.reshape(frames * per, -1), torch.full((1, feats.shape[-1]), 9.0)])
+    n = frames * per
     pos = torch.arange(per)
     return VisualTokens(
-        features=flat, frame=torch.tensor([f for f in range(frames) for _ in range(per)] + [-1]),
-        row=torch.cat([(pos // width).repeat(frames), torch.tensor([-1])]),
-        col=torch.cat([(pos % width).repeat(frames), torch.tensor([-1])]),
-        is_newline=torch.arange(n) == n - 1, source=torch.arange(n), frame_sources=[[f] for f in range(frames)],
-        grid=(per // width, width),
+        features=feats.reshape(n, -1), frame=torch.arange(frames).repeat_interleave(per),
+        row=(pos // width).repeat(frames), col=(pos % width).repeat(frames),
+        source=torch.arange(n), frame_sources=[[f] for f in range(frames)], grid=(per // width, width),
     )
 
 
-def test_ttm_hook_keeps_frames_in_order_pruned_tokens_by_similarity_and_the_newline_last():
+def test_ttm_hook_keeps_frames_in_order_and_pruned_tokens_by_similarity():
     state = visual_tokens(angle_frames(ANGLES))
     TemporalTokenMerging(k=0.5).tokcomp_pre_llm(state)
     assert state.source.tolist() == [0, 1, 2, 3, 6, 5, 11, 8, 14, 12, 16, 17, 18, 19, 23, 22,
-                                     24, 25, 26, 27, 31, 28, 32]
-    assert state.is_newline.tolist() == [False] * 22 + [True]
+                                     24, 25, 26, 27, 31, 28]
+    assert state.frame.tolist() == [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2 + [4] * 4 + [5] * 2 + [6] * 4 + [7] * 2
 
 
 def test_ttm_hook_spatial_order_sorts_each_pruned_frame():
     state = visual_tokens(angle_frames(ANGLES))
     TemporalTokenMerging(k=0.5, spatial_order=True).tokcomp_pre_llm(state)
     assert state.source.tolist() == [0, 1, 2, 3, 5, 6, 8, 11, 12, 14, 16, 17, 18, 19, 22, 23,
-                                     24, 25, 26, 27, 28, 31, 32]
+                                     24, 25, 26, 27, 28, 31]
 
 
 def test_ttm_hook_rejects_frames_with_different_positions():
     state = visual_tokens(angle_frames(ANGLES))
-    state.keep([i for i in range(33) if i != 5])  # frame 1 lost a token
+    state.keep([i for i in range(32) if i != 5])  # frame 1 lost a token
     with pytest.raises(ConfigError, match="same token count"):
         TemporalTokenMerging().tokcomp_pre_llm(state)
     state = visual_tokens(angle_frames(ANGLES))
-    state.keep([0, 1, 2, 3, 5, 4, *range(6, 33)])  # frame 1's tokens out of grid order
+    state.keep([0, 1, 2, 3, 5, 4, *range(6, 32)])  # frame 1's tokens out of grid order
     with pytest.raises(ConfigError, match="same grid positions"):
         TemporalTokenMerging().tokcomp_pre_llm(state)
 
 
 def test_ttm_plan_declares_the_per_frame_counts():
-    tokens = PlannedTokens([196] * 32, 1, (14, 14))
+    tokens = PlannedTokens([196] * 32, (14, 14))
     TemporalTokenMerging().plan_pre_llm(None, tokens)
     assert tokens.per_frame == [196, 58, 58, 58] * 7 + [196, 58, 196, 58]
-    assert tokens.total == 3099
+    assert tokens.total == 3098  # content tokens only: the framework adds the newline
 
 
 def test_ttm_rejects_k_outside_zero_one():
@@ -269,16 +267,17 @@ def test_kv_pruning_checks_layer_and_parameters():
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny model (8 frames of 4x4 pooled tokens + 1 newline)
+# tiny model (8 frames of 4x4 pooled tokens; the framework adds 1 newline)
 
 
 def test_ttm_on_tiny_model_keeps_the_planned_per_frame_counts(tiny, pixels):
     out = run_with(tiny, pixels, [TemporalTokenMerging()], max_new_tokens=2)
     ledger = out.ledger
-    assert ledger.visual_tokens_after_pre_llm == 16 + 4 + 4 + 4 + 16 + 4 + 16 + 4 + 1
-    planned = plan_ledger(tiny.info, 8, ledger.text_tokens, [TemporalTokenMerging()])
+    assert ledger.visual_tokens_after_pre_llm == 16 + 4 + 4 + 4 + 16 + 4 + 16 + 4
+    assert ledger.special_tokens == 1  # the newline still reaches the LLM
+    planned = plan_ledger(tiny, 8, ledger.text_tokens, [TemporalTokenMerging()])
     assert planned.visual_tokens_after_pre_llm == ledger.visual_tokens_after_pre_llm
-    assert ledger.llm_layers == [ledger.text_tokens + 69] * tiny.info.llm_layers
+    assert ledger.llm_layers == [ledger.text_tokens + 68 + 1] * tiny.info.llm_layers
 
 
 @dataclass
@@ -302,8 +301,8 @@ def test_kv_pruning_on_tiny_model_prunes_decoding_only(tiny, pixels):
     assert out.new_ids[0] == base.new_ids[0] and len(out.new_ids) == 6
     assert [step for step, *_ in s.seen] == list(range(1, len(s.seen) + 1)) and len(s.seen) >= 4
     step, entries, visual, read = s.seen[0]
-    assert visual == 129
-    assert read == entries - visual + 38  # all text plus int(129 * 0.3) visual entries
+    assert visual == 128  # content tokens; the newline is kept like text
+    assert read == entries - visual + 38  # all text (and the newline) plus int(128 * 0.3) visual entries
 
 
 def test_kv_pruning_keeping_every_visual_entry_changes_nothing(tiny, pixels):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tokcomp.strategies.earlytom import EARLYTOM_STRATEGIES, DecoupledSelect, FrameMerge
 
-from tests.conftest import run_with
+from tests.conftest import run_info, run_with
 from tokcomp.errors import ConfigError
 from tokcomp.ops import temporal, windows
 from tokcomp.state import EncoderState, VisualTokens
@@ -230,14 +230,14 @@ def test_random_positions_are_distinct_ascending_and_seeded():
 
 
 def grid_tokens(frames=4, side=4, scores=None, features=None, meta=None):
+    """Content tokens only: the model's special tokens (LLaVA's newline) never reach a strategy."""
     per = side * side
-    n = frames * per + 1
+    n = frames * per
     cells = torch.arange(per).repeat(frames)
     return VisualTokens(
         features=features if features is not None else torch.randn(n, 3),
-        frame=torch.cat([torch.arange(frames).repeat_interleave(per), torch.tensor([-1])]),
-        row=torch.cat([cells // side, torch.tensor([-1])]), col=torch.cat([cells % side, torch.tensor([-1])]),
-        is_newline=torch.arange(n) == n - 1, source=torch.arange(n), frame_sources=[[f] for f in range(frames)],
+        frame=torch.arange(frames).repeat_interleave(per), row=cells // side, col=cells % side,
+        source=torch.arange(n), frame_sources=[[f] for f in range(frames)],
         grid=(side, side), scores=scores, meta=meta if meta is not None else {},
     )
 
@@ -246,7 +246,7 @@ def hand_scores():
     """Frame f's score at position p: p for even frames, 15 - p for odd ones, except a few peaks."""
     s = torch.stack([torch.arange(16.0) if f % 2 == 0 else 15 - torch.arange(16.0) for f in range(4)])
     s[1, 7] = 50.0  # static frame 1: a peak that wins the window it falls in
-    return torch.cat([s.flatten(), torch.zeros(1)])
+    return s.flatten()
 
 
 def select(state, **params):
@@ -264,8 +264,8 @@ def test_head_and_tail_frames_keep_top_k_and_middle_frames_keep_raster_window_ar
     state = select(grid_tokens(scores=hand_scores(), meta={"earlytom.segments": [(0, 2), (3, 3)]}),
                    ratio=0.25, base_frames=4)
     assert kept_by_frame(state) == [[12, 13, 14, 15], [0, 7, 8, 12], [12, 13, 14, 15], [0, 1, 2, 3]]
-    assert state.is_newline.tolist()[-1] and state.num_tokens == 17
-    assert state.frame.tolist()[:-1] == sorted(state.frame.tolist()[:-1])  # temporal order, newline last
+    assert state.num_tokens == 16
+    assert state.frame.tolist() == sorted(state.frame.tolist())  # temporal order
 
 
 def test_square_windows_pick_the_argmax_of_each_two_by_two_block():
@@ -294,7 +294,7 @@ def test_input_frame_count_from_stage_one_rescales_the_ratio():
 
 
 def test_without_stage_one_the_pooled_features_are_segmented_by_the_official_rule():
-    feats = torch.ones(4 * 16 + 1, 2)
+    feats = torch.ones(4 * 16, 2)
     feats[48:64] = torch.tensor([1.0, -1.0])  # frame 3 orthogonal to frames 0..2: segments [0..2], [3]
     state = select(grid_tokens(scores=hand_scores(), features=feats), ratio=0.25, base_frames=4)
     assert kept_by_frame(state)[1] == [0, 7, 8, 12]  # frame 1 is a middle (static) frame
@@ -315,6 +315,7 @@ FRAMES, POOLED = 8, 16
 
 def test_frame_counts_fall_at_every_merge_layer_and_the_visual_token_budget_holds(tiny, pixels):
     from tokcomp.ledger import TokenLedger
+    from tokcomp.pipeline import encode_video
     from tokcomp.stack import CompressionStack
 
     merge = FrameMerge(layers=[1, 2, 3], tau_seg=0.0)  # boundaries from the cap M=6 only: a fixed schedule
@@ -323,11 +324,13 @@ def test_frame_counts_fall_at_every_merge_layer_and_the_visual_token_budget_hold
     frames = [e.frames for e in out.ledger.vision_layers] + [out.ledger.vision_out_frames]
     assert frames[:2] == [FRAMES, FRAMES] and frames[1] > frames[2] > frames[3] > frames[4]
     with torch.no_grad():
-        tokens = tiny.encode(pixels, CompressionStack([merge, DecoupledSelect(ratio=ratio)], tiny.info), TokenLedger())
+        stack = CompressionStack([merge, DecoupledSelect(ratio=ratio)], run_info(tiny, pixels))
+        tokens, specials = encode_video(tiny, pixels, stack, TokenLedger())
     n, r_hat = frames[-1], windows.rescaled_ratio(ratio, FRAMES, frames[-1])
     dynamic = len({f for seg in tokens.meta["earlytom.segments"] for f in seg})
     expected = dynamic * math.ceil(POOLED * r_hat) + (n - dynamic) * round(POOLED * r_hat)
-    assert out.ledger.visual_tokens_after_pre_llm == tokens.num_tokens == expected + 1
+    assert out.ledger.visual_tokens_after_pre_llm == tokens.num_tokens == expected
+    assert out.ledger.special_tokens == specials.shape[0] == 1  # the newline is the framework's, kept
     assert abs(expected - ratio * FRAMES * POOLED) <= n
     assert out.ledger.text_tokens == run_with(tiny, pixels, []).ledger.text_tokens
     assert len(out.new_ids) == 6
@@ -337,16 +340,20 @@ def test_scores_are_the_last_merge_layers_attention_merged_with_the_frames(tiny,
     """Layer 2 is the last merge layer: its received attention, merged and pooled, is the only statistic."""
     from tokcomp.ledger import TokenLedger
     from tokcomp.ops.pooling import bilinear_halve
+    from tokcomp.pipeline import encode_video, vision_statistics
     from tokcomp.stack import CompressionStack
 
     merge = FrameMerge(layers=[1, 2], tau_seg=0.0)
     ledger = TokenLedger()
     with torch.no_grad():
-        tokens = tiny.encode(pixels, CompressionStack([merge], tiny.info), ledger)
-        vision = tiny._vision()
-        h = vision.embeddings(pixels)
+        tokens, _ = encode_video(tiny, pixels, CompressionStack([merge], run_info(tiny, pixels)), ledger)
+        vision = tiny.vision
+        h = vision.embeddings(pixels.pixels)
         for i, layer in enumerate(vision.encoder.layers[:3]):
-            att = tiny._received_attention(layer, h) if i == 2 else None
+            if i == 2:
+                state = EncoderState(layer=1, num_layers=4, hidden=h, grid=pixels.grid,
+                                     frame_sources=[[f] for f in range(h.shape[0])])
+                att = vision_statistics(tiny, 2, state, {"attention"}, pixels)["attention"]
             h = layer(h, None)
             if i in (1, 2):
                 rows = temporal.merge_plan(h, "official", 0.0, 0.9, 6)
@@ -354,14 +361,15 @@ def test_scores_are_the_last_merge_layers_attention_merged_with_the_frames(tiny,
         att = temporal.apply_plan(att, rows)
     side = tiny.info.vision_grid[0]
     expected = bilinear_halve(att.view(att.shape[0], side, side, 1)).reshape(-1)
-    torch.testing.assert_close(tokens.scores[:-1], expected)
+    torch.testing.assert_close(tokens.scores, expected)
     assert [s["layer"] for s in ledger.attention_stats] == [2]
 
 
 def test_stage_two_alone_segments_itself_and_keeps_the_ratio(tiny, pixels):
     out = run_with(tiny, pixels, [DecoupledSelect(ratio=0.25, score_layer=-1)])
     assert out.ledger.vision_out_frames == FRAMES
-    assert out.ledger.visual_tokens_after_pre_llm == FRAMES * POOLED // 4 + 1
+    assert out.ledger.visual_tokens_after_pre_llm == FRAMES * POOLED // 4
+    assert out.ledger.special_tokens == 1
     assert [s["layer"] for s in out.ledger.attention_stats if s["where"] == "vision"] == [3]
 
 
@@ -445,7 +453,7 @@ def experiment_strategies(name, tmp_path):
         plugins = Plugins([plugin])
     cfg = load_experiment(EXPERIMENTS / f"{name}.yaml")
     built = build_strategies(plugins, cfg)
-    info = plugins.model(cfg.model.preset).describe(model_spec(dtype=cfg.model.dtype))[0]
+    info = plugins.model(cfg.model.preset).describe(model_spec(dtype=cfg.model.dtype)).info
     for strategies in built.values():
         for strategy in strategies:
             strategy.check(info)

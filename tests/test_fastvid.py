@@ -130,24 +130,24 @@ def test_multi_frame_segment_merges_every_frames_non_salient_tokens_into_the_anc
 
 
 def small_state(frames=2, per_frame=5):
-    n = frames * per_frame + 1
+    """Content tokens only: the model's special tokens (LLaVA's newline) never reach a strategy."""
+    n = frames * per_frame
     g = torch.Generator().manual_seed(0)
     return VisualTokens(
-        features=torch.randn(n, 3, generator=g), frame=torch.tensor([f for f in range(frames) for _ in range(per_frame)] + [-1]),
-        row=torch.tensor([0] * per_frame * frames + [-1]), col=torch.tensor(list(range(per_frame)) * frames + [-1]),
-        is_newline=torch.arange(n) == n - 1, source=torch.arange(n), frame_sources=[[f] for f in range(frames)],
+        features=torch.randn(n, 3, generator=g), frame=torch.arange(frames).repeat_interleave(per_frame),
+        row=torch.zeros(n, dtype=torch.long), col=torch.arange(per_frame).repeat(frames),
+        source=torch.arange(n), frame_sources=[[f] for f in range(frames)],
         grid=(1, per_frame), saliency=torch.rand(n, generator=g),
     )
 
 
-def test_strategy_keeps_sources_ascending_with_the_newline_last_and_original_positions():
+def test_strategy_keeps_sources_ascending_and_original_positions():
     state = small_state()
     FastVID(ratio=0.6).tokcomp_pre_llm(state)  # keep 3 of 5 per frame, two single-frame segments
-    assert state.original_positions
-    assert state.num_tokens == 2 * 3 + 1
-    assert state.source.tolist() == sorted(state.source.tolist()) and state.source[-1].item() == 10
-    assert state.is_newline.tolist() == [False] * 6 + [True]
-    assert state.position_offsets().tolist() == state.source.tolist()
+    assert state.original_positions  # the splice takes each kept token's position id from its source
+    assert state.num_tokens == 2 * 3
+    assert state.source.tolist() == sorted(set(state.source.tolist())) and state.source[-1].item() < 10
+    assert state.frame.tolist() == [0] * 3 + [1] * 3
 
 
 @pytest.mark.parametrize(("name", "value"), [("ratio", 0.0), ("dyseg_c", 0), ("dyseg_tau", 1.5),
@@ -160,10 +160,10 @@ def test_bad_parameters_are_rejected_by_name(name, value):
 
 def test_fastvid_declares_no_plan_but_a_nominal_budget_of_int_p_r_per_frame(tiny):
     with pytest.raises(ScheduleUnknown):
-        plan_ledger(tiny.info, FRAMES, 10, [FastVID()])
-    planned = PlannedTokens([196] * 32, 1, (14, 14))
+        plan_ledger(tiny, FRAMES, 10, [FastVID()])
+    planned = PlannedTokens([196] * 32, (14, 14))
     FastVID(ratio=0.25).nominal_pre_llm(tiny.info, planned)
-    assert planned.per_frame == [49] * 32 and planned.total == 49 * 32 + 1
+    assert planned.per_frame == [49] * 32 and planned.total == 49 * 32
 
 
 def test_fastvid_requests_the_last_vision_layers_saliency(tiny):
@@ -187,28 +187,31 @@ class PositionProbe(Strategy):
     ("params", "expected"),
     [
         # c=8 > 7 transitions: every frame its own segment -> exactly int(16 * 0.25) = 4 per frame
-        ({}, FRAMES * 4 + 1),
+        ({}, FRAMES * 4),
         # one segment of 8 frames, p=3: anchors 1, 4, 7 get 8 // 3 = 2 slots -> 8*3 salient + 6 context
-        ({"dyseg_c": 1, "dyseg_tau": -1.0, "dtm_p": 3}, FRAMES * 3 + 6 + 1),
+        ({"dyseg_c": 1, "dyseg_tau": -1.0, "dtm_p": 3}, FRAMES * 3 + 6),
     ],
 )
 def test_tiny_model_run_keeps_the_budget_and_the_text(tiny, pixels, params, expected):
     out = run_with(tiny, pixels, [FastVID(ratio=0.25, **params)])
     ledger = out.ledger
-    assert ledger.visual_tokens_before_pre_llm == FRAMES * POOLED + 1
-    assert ledger.visual_tokens_after_pre_llm == expected <= FRAMES * 4 + 1
-    assert ledger.llm_layers == [ledger.text_tokens + expected] * tiny.info.llm_layers
+    assert ledger.visual_tokens_before_pre_llm == FRAMES * POOLED
+    assert ledger.visual_tokens_after_pre_llm == expected <= FRAMES * 4
+    assert ledger.special_tokens == 1  # the newline still reaches the LLM
+    assert ledger.llm_layers == [ledger.text_tokens + expected + 1] * tiny.info.llm_layers
     assert len(out.new_ids) == 6
 
 
 def test_tiny_model_run_keeps_original_positions_with_gaps(tiny, pixels):
     probe = PositionProbe()
     run_with(tiny, pixels, [FastVID(ratio=0.25), probe], max_new_tokens=1)
-    start, total = probe.visual.index(True), FRAMES * POOLED + 1
+    start, total = probe.visual.index(True), FRAMES * POOLED
     visual = [p for p, v in zip(probe.positions, probe.visual, strict=True) if v]
     after = probe.positions[start + len(visual):]
     assert probe.positions[:start] == list(range(start))
-    assert len(visual) == FRAMES * 4 + 1 and visual == sorted(set(visual))
-    assert visual[0] >= start and visual[-1] == start + total - 1  # the newline keeps the last position
+    assert probe.visual[start:start + len(visual)] == [True] * len(visual) and not any(probe.visual[start + len(visual):])
+    assert len(visual) == FRAMES * 4 and visual == sorted(set(visual))
+    assert visual[0] >= start and visual[-1] < start + total
     assert visual[-1] - visual[0] + 1 > len(visual)  # gaps
+    # the newline (not visual) keeps its position right after the uncompressed video; the text follows it
     assert after == list(range(start + total, start + total + len(after)))

@@ -175,18 +175,16 @@ def test_topk_rank_mask_keeps_the_best_eligible_positions_per_row():
 
 
 def hand_tokens(features: torch.Tensor, scores: torch.Tensor, width: int) -> VisualTokens:
-    """Tokens of T frames with P = h * width positions each, raster order, then a newline of 9s."""
+    """Tokens of T frames with P = h * width positions each, raster order (no special tokens: the
+    framework keeps LLaVA's newline, a strategy never sees it)."""
     frames, positions, dim = features.shape
-    n = frames * positions + 1
+    n = frames * positions
     cells = torch.arange(positions).repeat(frames)
-    minus1 = torch.tensor([-1])
     return VisualTokens(
-        features=torch.cat([features.reshape(-1, dim), torch.full((1, dim), 9.0)]),
-        frame=torch.cat([torch.arange(frames).repeat_interleave(positions), minus1]),
-        row=torch.cat([cells // width, minus1]), col=torch.cat([cells % width, minus1]),
-        is_newline=torch.arange(n) == n - 1, source=torch.arange(n),
+        features=features.reshape(-1, dim), frame=torch.arange(frames).repeat_interleave(positions),
+        row=cells // width, col=cells % width, source=torch.arange(n),
         frame_sources=[[t] for t in range(frames)], grid=(positions // width, width),
-        scores=torch.cat([scores.reshape(-1), torch.zeros(1)]),
+        scores=scores.reshape(-1),
     )
 
 
@@ -203,19 +201,18 @@ def three_frames() -> tuple[torch.Tensor, torch.Tensor]:
     return features, scores
 
 
-def test_static_positions_are_averaged_over_the_window_and_output_order_is_static_dynamic_newline():
+def test_static_positions_are_averaged_over_the_window_and_output_order_is_static_then_dynamic():
     features, scores = three_frames()
     tokens = hand_tokens(features, scores, width=2)
-    tokens.group = torch.arange(13) * 10  # another strategy's per-token labels: follow the geometry
+    tokens.group = torch.arange(12) * 10  # another strategy's per-token labels: follow the geometry
     OuterMerge(ratio=1.0).tokcomp_pre_llm(tokens)  # r' = 1: every static position its own cluster
     assert tokens.meta[WINDOWS] == [(0, 2)]
     assert tokens.features.tolist() == [
         [2.0, 0.0], [0.0, 2.0],  # static positions 0 and 1 averaged over the three frames
         [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0],  # dynamic, frame by frame
-        [9.0, 9.0],  # newline last
     ]
-    assert tokens.source.tolist() == [0, 1, 2, 3, 6, 7, 10, 11, 12]
-    assert tokens.frame.tolist() == [0, 0, 0, 0, 1, 1, 2, 2, -1]
+    assert tokens.source.tolist() == [0, 1, 2, 3, 6, 7, 10, 11]
+    assert tokens.frame.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
     assert tokens.row.tolist()[:2] == [0, 0] and tokens.col.tolist()[:2] == [0, 1]
     assert tokens.scores[:2].tolist() == pytest.approx([0.3, 0.1])  # the static attention: averaged over time
     assert tokens.group.tolist() == [10 * s for s in tokens.source.tolist()]
@@ -227,10 +224,10 @@ def test_merged_static_token_is_beta_centre_plus_one_minus_beta_cluster_mean_and
     # 4 of 12 tokens are saved by the static window, so r' = (1/3) / (8/12) = 0.5: one static
     # cluster (round(2 * 0.5)) and ceil(2 * 0.5) = 1 dynamic token per frame
     OuterMerge(ratio=1 / 3, beta=0.6).tokcomp_pre_llm(tokens)
-    assert tokens.num_tokens == 1 + 3 + 1
+    assert tokens.num_tokens == 1 + 3
     # equal densities: the lower position is the centre; averaged (2, 0) and (0, 2): mean (1, 1)
     assert tokens.features[0].tolist() == pytest.approx([0.6 * 2 + 0.4 * 1, 0.4 * 1])
-    assert tokens.source.tolist() == [0, 2, 7, 10, 12]  # centre, then position 2 / 3 / 2 by attention
+    assert tokens.source.tolist() == [0, 2, 7, 10]  # centre, then position 2 / 3 / 2 by attention
 
 
 def test_windows_are_emitted_in_temporal_order_each_with_its_static_tokens_first():
@@ -244,8 +241,8 @@ def test_windows_are_emitted_in_temporal_order_each_with_its_static_tokens_first
     tokens = hand_tokens(features, torch.rand(4, 4, generator=g), width=2)
     OuterMerge(ratio=1.0).tokcomp_pre_llm(tokens)
     assert tokens.meta[WINDOWS] == [(0, 1), (2, 3)]
-    assert tokens.source.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16]
-    assert tokens.frame.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, -1]
+    assert tokens.source.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15]
+    assert tokens.frame.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
 
 
 def test_static_cluster_tokens_are_in_spatial_order_of_their_centres():
@@ -255,25 +252,25 @@ def test_static_cluster_tokens_are_in_spatial_order_of_their_centres():
     tokens = hand_tokens(features, torch.rand(4, 16, generator=g), width=4)
     OuterMerge(ratio=0.2, tau=0.5).tokcomp_pre_llm(tokens)
     # one window saves 48 of 64 tokens: r' = 0.2 / (16/64) = 0.8, round(16 * 0.8) = 13 clusters
-    assert tokens.num_tokens == 13 + 1
-    raster = (tokens.row[:-1] * 4 + tokens.col[:-1]).tolist()
+    assert tokens.num_tokens == 13
+    raster = (tokens.row * 4 + tokens.col).tolist()
     assert raster == sorted(raster) and len(set(raster)) == 13
 
 
 def test_outer_merge_refuses_tokens_that_are_not_every_frames_full_grid():
     features, scores = three_frames()
     tokens = hand_tokens(features, scores, width=2)
-    tokens.keep(list(range(1, 13)))
+    tokens.keep(list(range(1, 12)))
     with pytest.raises(ConfigError, match="full token grid"):
         OuterMerge().tokcomp_pre_llm(tokens)
 
 
 def test_nominal_budget_is_int_of_t_p_ratio_spread_over_the_frames():
-    planned = PlannedTokens([196] * 32, 1, (14, 14))
+    planned = PlannedTokens([196] * 32, (14, 14))
     OuterMerge(ratio=0.1).nominal_pre_llm(None, planned)
     assert planned.per_frame == [20] * 19 + [19] * 13  # int(6272 * 0.1) = 627
-    assert planned.total == 627 + 1
-    planned = PlannedTokens([196] * 32, 1, (14, 14))
+    assert planned.total == 627
+    planned = PlannedTokens([196] * 32, (14, 14))
     OuterMerge(ratio=0.15).nominal_pre_llm(None, planned)
     assert sum(planned.per_frame) == 940  # int(940.8)
 
@@ -305,11 +302,13 @@ def test_on_the_tiny_model_the_budget_holds_and_with_nothing_static_it_is_per_fr
     out = run_with(tiny, pixels, [OuterMerge(ratio=0.25)])
     ledger = out.ledger
     assert ledger.text_tokens == plain.ledger.text_tokens
-    assert ledger.visual_tokens_before_pre_llm == 8 * 16 + 1
+    assert ledger.visual_tokens_before_pre_llm == 8 * 16
+    assert ledger.special_tokens == 1  # the newline still reaches the LLM
+    assert ledger.llm_layers[0] == ledger.text_tokens + ledger.visual_tokens_after_pre_llm + 1
     # about 0.25 * 128 video tokens; rounding adds at most one per frame and one per window
-    assert 8 <= ledger.visual_tokens_after_pre_llm - 1 <= 32 + 8 + 8
+    assert 8 <= ledger.visual_tokens_after_pre_llm <= 32 + 8 + 8
     # tau = 1: no position is static, every window is all dynamic: top ceil(16 / 4) per frame by attention
     none_static = run_with(tiny, pixels, [OuterMerge(ratio=0.25, tau=1.0)])
     topk = run_with(tiny, pixels, [TopK(ratio=0.25)])
-    assert none_static.ledger.visual_tokens_after_pre_llm == topk.ledger.visual_tokens_after_pre_llm == 33
+    assert none_static.ledger.visual_tokens_after_pre_llm == topk.ledger.visual_tokens_after_pre_llm == 32
     torch.testing.assert_close(none_static.prefill_logits, topk.prefill_logits)

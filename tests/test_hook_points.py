@@ -70,13 +70,13 @@ def test_frame_sampling_keeps_evenly_spread_frames_before_the_first_layer(tiny, 
     assert [e.frames for e in out.ledger.vision_layers] == [4] * 4
     assert out.ledger.embedded_tokens == 8 * 64
     assert probe.seen[0][1] == "input" and probe.seen[0][2].shape[0] == 4
-    assert out.ledger.visual_tokens_after_pre_llm == 4 * 16 + 1
+    assert out.ledger.visual_tokens_after_pre_llm == 4 * 16 and out.ledger.special_tokens == 1
 
 
 def test_input_pooling_averages_each_frames_embedding_grid(tiny, pixels):
     probe = EncoderProbe(after=(-1,))
     out = run_with(tiny, pixels, [InputPooling(ratio=0.25), probe])
-    embeddings = tiny._vision().embeddings(pixels)
+    embeddings = tiny.vision.embeddings(pixels.pixels)
     expected = average_pool_grid(embeddings.view(8, 8, 8, -1), 4, 4).reshape(8, 16, -1)
     torch.testing.assert_close(probe.seen[0][2], expected)
     assert [e.tokens_per_frame for e in out.ledger.vision_layers] == [16] * 4
@@ -103,15 +103,16 @@ def test_keys_and_saliency_are_computed_from_the_layers_input(tiny, pixels):
     run_with(tiny, pixels, [probe])
     (_, _, h1, keys1, _), (_, _, _, keys2, saliency2) = probe.seen
     assert keys1 is None
-    layer = tiny._vision().encoder.layers[2]
-    q, k = tiny._vision_qk(layer, h1)  # the hidden states after layer 1 enter layer 2
+    layer = tiny.vision.encoder.layers[2]
+    qk = tiny.vision_qk(2, h1, True, pixels)  # the hidden states after layer 1 enter layer 2
+    q, k = qk.q, qk.k
     torch.testing.assert_close(keys2, k.mean(dim=1))
     logits = torch.einsum("bhd,bhtd->bht", q.mean(dim=2), k) * layer.self_attn.scale
     torch.testing.assert_close(saliency2, logits.softmax(-1).mean(dim=1))
     assert torch.allclose(saliency2.sum(-1), torch.ones(8))
 
 
-def test_pooled_keys_reach_the_pre_llm_stage_with_a_zero_newline_row(tiny, pixels):
+def test_pooled_keys_reach_the_pre_llm_stage_one_row_per_content_token(tiny, pixels):
     from tokcomp.strategies.visionzip import VisionZip
 
     seen = {}
@@ -125,11 +126,14 @@ def test_pooled_keys_reach_the_pre_llm_stage_with_a_zero_newline_row(tiny, pixel
 
         @hookimpl
         def tokcomp_pre_llm(self, state):
-            seen["keys"] = state.keys
+            seen["keys"], seen["tokens"] = state.keys, state.num_tokens
 
-    run_with(tiny, pixels, [PreProbe()])
-    assert seen["keys"].shape == (8 * 16 + 1, 16)
-    assert torch.equal(seen["keys"][-1], torch.zeros(16))
+    out = run_with(tiny, pixels, [PreProbe()])
+    # the strategy sees content tokens only; the newline is the framework's and still reaches the LLM
+    assert seen["tokens"] == 8 * 16 and seen["keys"].shape == (8 * 16, 16)
+    assert bool(seen["keys"].abs().sum(-1).gt(0).all())  # every row is a pooled key, none a placeholder
+    assert out.ledger.special_tokens == 1
+    assert out.ledger.llm_layers[0] == out.ledger.text_tokens + 8 * 16 + 1
     assert VisionZip(ratio=0.25).encoder_key_layers(tiny.info) == {tiny.info.vision_layers - 1}
 
 
@@ -147,7 +151,7 @@ def test_selecting_every_cache_entry_on_decode_steps_changes_nothing(tiny, pixel
 
 
 def test_decode_selection_is_a_gather_of_the_cache_for_that_step(tiny):
-    from tokcomp.models.decoder_hooks import DecoderCache
+    from tokcomp.decoding import DecoderCache
 
     cache = DecoderCache(config=tiny.language_model.config)
     keys = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 2, 5, 1)
@@ -181,8 +185,9 @@ def test_decode_selection_may_not_drop_text_entries():
 def test_pyramiddrop_keeps_half_the_survivors_at_each_stage(tiny, pixels):
     out = run_with(tiny, pixels, [PyramidDrop(layers=[1, 3], ratio=0.5)])
     text = out.ledger.text_tokens
-    assert [n - text for n in out.ledger.llm_layers] == [129, 64, 64, 32]
-    assert stage_keep(129, 0.5) == 64 and stage_keep(1, 0.5) == 1 and stage_keep(0, 0.5) == 0
+    assert out.ledger.special_tokens == 1  # the newline is kept like text, not dropped with visual tokens
+    assert [n - text - 1 for n in out.ledger.llm_layers] == [128, 64, 64, 32]
+    assert stage_keep(128, 0.5) == 64 and stage_keep(129, 0.5) == 64 and stage_keep(1, 0.5) == 1 and stage_keep(0, 0.5) == 0
 
 
 def test_pyramiddrop_keeps_the_tokens_the_last_token_attends_to_most():
@@ -199,7 +204,9 @@ def test_pyramiddrop_rejects_impossible_layers(tiny):
     from tokcomp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="layers=8"):
-        PyramidDrop().check(tiny.info)
+        PyramidDrop(layers=[2, 8]).check(tiny.info)
+    PyramidDrop().check(tiny.info)  # the defaults are fractions of the depth: they fit every model
+    assert PyramidDrop().llm_layers(tiny.info) == {1, 2, 3}
     with pytest.raises(ValueError, match="repeats"):
         PyramidDrop(layers=[1, 1])
 

@@ -25,8 +25,9 @@ from tokcomp.plan import plan_ledger
 from tokcomp.state import LLMState
 from tokcomp.strategy import Strategy
 
-FRAMES, POOLED = 8, 16  # tiny model: 8 frames of 4x4 pooled tokens, plus one newline
-VISUAL = FRAMES * POOLED + 1
+FRAMES, POOLED = 8, 16  # tiny model: 8 frames of 4x4 pooled tokens
+VISUAL = FRAMES * POOLED
+SPECIAL = 1  # LLaVA's newline: spliced after the video by the framework, kept like text
 K = 2  # tiny has 4 decoder layers
 
 
@@ -39,7 +40,7 @@ def idx(*values: int) -> torch.Tensor:
 def test_keep_count_rounds_halves_to_even_and_keeps_at_least_one():
     assert merged_keep_count(129, 0.5) == 64  # 64.5 -> 64, as Python's round in the official code
     assert merged_keep_count(131, 0.5) == 66  # 65.5 -> 66
-    assert merged_keep_count(6273, 0.5) == 3136  # LLaVA-OV 32 frames: 3136.5 -> 3136
+    assert merged_keep_count(6273, 0.5) == 3136  # 3136.5 -> 3136
     assert merged_keep_count(10, 0.0) == 10
     assert merged_keep_count(10, 0.3) == 7
     assert merged_keep_count(1, 0.9) == 1
@@ -212,8 +213,9 @@ class Recorder(Strategy):
 
 def test_sequence_shrinks_at_layer_k_by_the_merged_count(tiny, pixels):
     out = run_with(tiny, pixels, [InnerMerge(layer=K, ratio=0.5)])
-    full = out.ledger.text_tokens + VISUAL
-    merged = VISUAL - 64  # round(129 * 0.5) = 64 kept
+    assert out.ledger.special_tokens == SPECIAL
+    full = out.ledger.text_tokens + VISUAL + SPECIAL
+    merged = VISUAL - 64  # round(128 * 0.5) = 64 kept; the newline is never merged
     assert out.ledger.llm_layers == [full, full, full - merged, full - merged]
     assert out.ledger.attention_stats == [{"where": "llm", "layer": K - 1, "seq": full}]
     assert len(out.new_ids) == 6  # decoding continues over the shorter cache
@@ -291,14 +293,14 @@ def test_hooks_are_removed_after_a_run(tiny, pixels):
 @pytest.mark.parametrize("spec", [
     [("holitom.inner_merge", {"layer": K, "ratio": 0.5})],
     [("holitom.inner_merge", {"layer": 1, "ratio": 0.3, "mode": "sequential"})],
-    [("pooling", {"ratio": 0.25}), ("holitom.inner_merge", {"layer": 3, "ratio": 0.5})],  # 33 -> 16 kept
+    [("pooling", {"ratio": 0.25}), ("holitom.inner_merge", {"layer": 3, "ratio": 0.5})],  # 32 -> 16 kept
     [("fastv", {"layer": 1, "ratio": 0.5}), ("holitom.inner_merge", {"layer": K, "ratio": 0.9})],
 ], ids=["k2", "k1_sequential", "pooling+k3", "fastv+k2"])
 def test_planned_ledger_equals_the_recorded_one(plugins, tiny, pixels, spec):
     strategies = [InnerMerge.from_params(p) if n == InnerMerge.name else plugins.strategy(n).from_params(p)
                   for n, p in spec]
     recorded = run_with(tiny, pixels, strategies, max_new_tokens=1).ledger
-    planned = plan_ledger(tiny.info, pixels.shape[0], recorded.text_tokens, strategies)
+    planned = plan_ledger(tiny, pixels.frames, recorded.text_tokens, strategies)
     planned.new_tokens = recorded.new_tokens
     assert planned.to_dict() == recorded.to_dict()
     assert recorded.llm_layers[-1] < recorded.llm_layers[0]

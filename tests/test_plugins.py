@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_with
+from tests.conftest import run_info, run_with
 from tokcomp.errors import PluginError, UnknownNameError
 from tokcomp.plugins import Plugins
 
@@ -34,7 +34,9 @@ def test_readme_plugin_file_registers_and_runs(tmp_path, tiny, pixels):
     assert reg.obj.hook_points() == ["pre_llm"] and reg.distribution.startswith("local file")
     crop = plugins.strategy("center_crop").from_params({"ratio": 0.25})
     out = run_with(tiny, pixels, [crop])
-    assert out.ledger.visual_tokens_after_pre_llm == 8 * 4 + 1
+    assert out.ledger.visual_tokens_after_pre_llm == 8 * 4
+    assert out.ledger.special_tokens == 1  # the framework, not the plugin, keeps the newline
+    assert out.ledger.llm_layers[0] == out.ledger.text_tokens + 8 * 4 + 1
 
 
 def test_readme_plugin_runs_from_experiment_yaml(tmp_path, tracking_uri):
@@ -54,8 +56,9 @@ def test_readme_plugin_runs_from_experiment_yaml(tmp_path, tracking_uri):
     """))
     result = ExperimentRunner(load_experiment(tmp_path / "exp.yaml")).run(log=lambda _: None)
     baseline, crop = result.configurations
-    assert baseline.name == "uncompressed" and baseline.ledger["visual_tokens_after_pre_llm"] == 4 * 16 + 1
-    assert crop.status == "FINISHED" and crop.ledger["visual_tokens_after_pre_llm"] == 4 * 8 + 1
+    assert baseline.name == "uncompressed" and baseline.ledger["visual_tokens_after_pre_llm"] == 4 * 16
+    assert crop.status == "FINISHED" and crop.ledger["visual_tokens_after_pre_llm"] == 4 * 8
+    assert baseline.ledger["special_tokens"] == crop.ledger["special_tokens"] == 1
 
 
 @pytest.fixture
@@ -80,7 +83,7 @@ def test_entry_point_plugin_is_discovered_with_its_distribution(installed_plugin
     assert reg.plugin == "center_crop" and reg.distribution == "tokcomp-demo-plugin 1.2"
     assert plugins.strategies["fastv"].distribution == "tokcomp"  # built-ins: same manager
     out = run_with(tiny, pixels, [plugins.strategy("center_crop").from_params({"ratio": 0.5})])
-    assert out.ledger.visual_tokens_after_pre_llm == 8 * 8 + 1
+    assert out.ledger.visual_tokens_after_pre_llm == 8 * 8 and out.ledger.special_tokens == 1
 
 
 def test_tokcomp_plugins_env_restricts_external_plugins(installed_plugin, monkeypatch):
@@ -123,8 +126,10 @@ def test_unknown_strategy_suggests_close_names(plugins):
 
 
 def test_hook_tracing_prints_each_call(tiny, pixels, capsys, plugins):
+    from tokcomp.pipeline import run
     from tokcomp.stack import CompressionStack
 
-    stack = CompressionStack([plugins.strategy("uniform").from_params({"ratio": 0.5})], tiny.info, trace=True)
-    tiny.run(pixels, "hi", stack, max_new_tokens=1)
+    stack = CompressionStack([plugins.strategy("uniform").from_params({"ratio": 0.5})], run_info(tiny, pixels),
+                             trace=True)
+    run(tiny, pixels, "hi", stack, max_new_tokens=1)
     assert "tokcomp_pre_llm" in capsys.readouterr().err

@@ -166,60 +166,60 @@ def test_group_topk_keeps_at_least_one_token_per_group():
 
 
 def visual_tokens(frames: torch.Tensor) -> VisualTokens:
-    """Tokens of ``frames`` (T, n, D) on a 1 x n grid, plus a newline, as the adapter lays them out."""
+    """Tokens of ``frames`` (T, n, D) on a 1 x n grid, as the pipeline hands them to a strategy
+    (content tokens only: the framework keeps the newline and re-emits it after the video)."""
     t, n, d = frames.shape
-    total = t * n + 1
+    total = t * n
     return VisualTokens(
-        features=torch.cat([frames.reshape(t * n, d), torch.full((1, d), -7.0)]),
-        frame=torch.tensor([f for f in range(t) for _ in range(n)] + [-1]),
-        row=torch.tensor([0] * (t * n) + [-1]), col=torch.tensor(list(range(n)) * t + [-1]),
-        is_newline=torch.arange(total) == total - 1, source=torch.arange(total),
-        frame_sources=[[f] for f in range(t)], grid=(1, n),
+        features=frames.reshape(total, d), frame=torch.arange(t).repeat_interleave(n),
+        row=torch.zeros(total, dtype=torch.long), col=torch.arange(n).repeat(t),
+        source=torch.arange(total), frame_sources=[[f] for f in range(t)], grid=(1, n),
     )
 
 
 def test_outer_hook_replaces_tokens_with_centre_geometry_and_groups():
     state = visual_tokens(two_segment_frames())
     Outer(temporal_segment_ratio=0.5, k=2).tokcomp_pre_llm(state)
-    assert state.source.tolist() == [0, 5, 4, 6, 8]  # (frame, position) (0,0), (2,1), (2,0), (3,0), newline
-    assert state.frame.tolist() == [0, 2, 2, 3, -1] and state.col.tolist() == [0, 1, 0, 0, -1]
-    assert state.group.tolist() == [0, 2, 5, 7, -1]
-    assert state.is_newline.tolist() == [False] * 4 + [True]
-    assert state.features[-1].tolist() == [-7.0, -7.0]
+    assert state.source.tolist() == [0, 5, 4, 6]  # (frame, position) (0,0), (2,1), (2,0), (3,0)
+    assert state.frame.tolist() == [0, 2, 2, 3] and state.col.tolist() == [0, 1, 0, 0]
+    assert state.group.tolist() == [0, 2, 5, 7]
+    assert state.num_tokens == 4
     assert state.meta[SEGMENTS] == [(0, 1), (2, 3)]
 
 
 def test_outer_hook_rejects_an_incomplete_grid():
     state = visual_tokens(two_segment_frames())
-    state.keep([0, 1, 2, 8])
+    state.keep([0, 1, 2])  # frame 1 lost a token
     with pytest.raises(ConfigError, match="full token grid"):
         Outer().tokcomp_pre_llm(state)
 
 
 def llm_state(groups: list[int] | None) -> LLMState:
-    """2 text, 7 visual (the last one the newline), 2 text; text attention from layer 10 (high on text)."""
-    visual = torch.tensor([False, False] + [True] * 7 + [False, False])
+    """2 text, 6 visual, the newline (not visual: the framework keeps it like text), 2 text; text
+    attention from layer 10 (high on text, lowest on the newline)."""
+    visual = torch.tensor([False, False] + [True] * 6 + [False] * 3)
     scores = torch.tensor([9.0, 9.0, 0.1, 0.9, 0.5, 0.3, 0.2, 0.8, 0.05, 9.0, 9.0])
-    group = None if groups is None else torch.tensor([-1, -1, *groups, -1, -1])
+    group = None if groups is None else torch.tensor([-1, -1, *groups, -1, -1, -1])
     return LLMState(layer=11, num_layers=28, hidden=torch.randn(1, 11, 4), position_ids=torch.arange(11)[None] + 5,
                     visual_mask=visual, text_attention={10: scores}, visual_group=group)
 
 
 def test_inner_hook_keeps_top_alpha_per_group_and_all_text_with_original_positions():
-    state = llm_state([0, 0, 0, 3, 3, 3, -1])
+    state = llm_state([0, 0, 0, 3, 3, 3])
     Inner().tokcomp_inner_llm(state)
-    # visual 2..8: group 0 = 2, 3, 4 -> keep 3, 4; group 3 = 5, 6, 7 -> ceil(1.2) = 2: 5, 7; newline 8
+    # visual 2..7: group 0 = 2, 3, 4 -> keep 3, 4; group 3 = 5, 6, 7 -> ceil(1.2) = 2: 5, 7; newline 8 kept
     assert state.kept.tolist() == [0, 1, 3, 4, 5, 7, 8, 9, 10]
     assert state.position_ids[0].tolist() == [5, 6, 8, 9, 10, 12, 13, 14, 15]
     assert state.prune_earlier_cache
 
 
-@pytest.mark.parametrize("groups", [None, [-1] * 7, [4] * 7])
+@pytest.mark.parametrize("groups", [None, [-1] * 6, [4] * 6])
 def test_inner_hook_without_outer_groups_ranks_all_visual_tokens_together(groups):
     state = llm_state(groups)
     Inner().tokcomp_inner_llm(state)
-    # ceil(7 * 0.4) = 3 of the visual entries 2..8: scores 0.9 (3), 0.8 (7), 0.5 (4)
-    assert state.kept.tolist() == [0, 1, 3, 4, 7, 9, 10]
+    # ceil(6 * 0.4) = 3 of the visual entries 2..7: scores 0.9 (3), 0.8 (7), 0.5 (4); the newline
+    # (8, the lowest score) is not visual and is kept with the text
+    assert state.kept.tolist() == [0, 1, 3, 4, 7, 8, 9, 10]
 
 
 def test_inner_acts_before_the_layer_after_the_scored_one():
@@ -246,31 +246,32 @@ def test_both_stages_are_data_dependent_and_the_outer_budget_is_its_cluster_rati
     from tokcomp.strategy import Strategy
 
     assert Outer.plan_pre_llm is Strategy.plan_pre_llm and Inner.plan_inner_llm is Strategy.plan_inner_llm
-    budget = PlannedTokens([196] * 32, 1, (14, 14))
+    budget = PlannedTokens([196] * 32, (14, 14))
     Outer(cluster_ratio=0.25).nominal_pre_llm(None, budget)
-    assert budget.per_frame == [49] * 32 and budget.total == 1569
+    assert budget.per_frame == [49] * 32 and budget.total == 1568
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny model: 8 frames of 4x4 pooled tokens + newline, 4 decoder layers
+# tiny model: 8 frames of 4x4 pooled tokens (the framework adds the newline), 4 decoder layers
 
 FRAMES, POOLED = 8, 16
 
 
 def test_outer_alone_with_one_all_static_segment_keeps_half_the_positions(tiny, pixels):
     # temporal_segment_ratio 1/8 -> one cluster -> one segment; tau -1 -> every position static:
-    # 16 time-averaged tokens -> int(16 * 0.5) = 8 cluster means, plus the newline
+    # 16 time-averaged tokens -> int(16 * 0.5) = 8 cluster means; the framework adds the newline
     out = run_with(tiny, pixels, [Outer(temporal_segment_ratio=0.125, tau=-1.0)])
     ledger = out.ledger
-    assert ledger.visual_tokens_after_pre_llm == 9
-    assert ledger.llm_layers == [ledger.text_tokens + 9] * tiny.info.llm_layers
+    assert ledger.visual_tokens_after_pre_llm == 8 and ledger.special_tokens == 1
+    assert ledger.llm_layers == [ledger.text_tokens + 8 + 1] * tiny.info.llm_layers
     assert len(out.new_ids) == 6
 
 
 def test_outer_defaults_compress_and_keep_the_text(tiny, pixels):
     ledger = run_with(tiny, pixels, [Outer()]).ledger
-    assert 1 < ledger.visual_tokens_after_pre_llm <= FRAMES * POOLED // 2 + 1  # cluster_ratio 0.5 at most
-    assert ledger.llm_layers == [ledger.text_tokens + ledger.visual_tokens_after_pre_llm] * tiny.info.llm_layers
+    assert 1 < ledger.visual_tokens_after_pre_llm <= FRAMES * POOLED // 2  # cluster_ratio 0.5 at most
+    assert ledger.special_tokens == 1
+    assert ledger.llm_layers == [ledger.text_tokens + ledger.visual_tokens_after_pre_llm + 1] * tiny.info.llm_layers
 
 
 def test_outer_then_inner_prunes_each_group_after_the_selected_layer_and_decodes(tiny, pixels):
@@ -278,16 +279,17 @@ def test_outer_then_inner_prunes_each_group_after_the_selected_layer_and_decodes
     out = run_with(tiny, pixels, [outer, Inner(layer=1, alpha=0.4)])
     text = out.ledger.text_tokens
     # 8 static cluster tokens (one group) -> ceil(3.2) = 4, plus the newline, from layer 2 on
-    assert out.ledger.llm_layers == [text + 9, text + 9, text + 5, text + 5]
-    assert out.ledger.cache_lengths == [text + 5] * 4  # layers 0 and 1 cut too (prune_earlier_cache)
+    assert out.ledger.llm_layers == [text + 8 + 1, text + 8 + 1, text + 4 + 1, text + 4 + 1]
+    assert out.ledger.cache_lengths == [text + 4 + 1] * 4  # layers 0 and 1 cut too (prune_earlier_cache)
     assert len(out.new_ids) == 6
 
 
 def test_inner_alone_ranks_all_visual_tokens_as_one_group(tiny, pixels):
     out = run_with(tiny, pixels, [Inner(layer=2, alpha=0.4)])
-    text, visual = out.ledger.text_tokens, FRAMES * POOLED + 1
-    assert out.ledger.llm_layers == [text + visual] * 3 + [text + 52]  # ceil(129 * 0.4)
-    assert out.ledger.cache_lengths == [text + 52] * 4
+    text, visual = out.ledger.text_tokens, FRAMES * POOLED
+    # ceil(128 * 0.4) = 52 visual tokens kept; the newline is never pruned
+    assert out.ledger.llm_layers == [text + visual + 1] * 3 + [text + 52 + 1]
+    assert out.ledger.cache_lengths == [text + 52 + 1] * 4
 
 
 def test_inner_keeping_everything_changes_nothing(tiny, pixels):

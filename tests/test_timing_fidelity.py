@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from tests.conftest import PROMPT, run_with
+from tests.conftest import PROMPT, run_info, run_with
 from tokcomp.fidelity import next_token_kl, top1_agreement
+from tokcomp.pipeline import run
 from tokcomp.timing import StageClock
 
 
@@ -60,24 +61,24 @@ def test_teacher_forced_run_of_the_uncompressed_model_agrees_fully(tiny, pixels)
     from tokcomp.stack import CompressionStack
 
     free = run_with(tiny, pixels, [], max_new_tokens=6)
-    forced = tiny.run(pixels, PROMPT, CompressionStack([], tiny.info), max_new_tokens=6, min_new_tokens=6,
-                      forced_ids=free.new_ids)
+    forced = run(tiny, pixels, PROMPT, CompressionStack([], run_info(tiny, pixels)), max_new_tokens=6,
+                 min_new_tokens=6, forced_ids=free.new_ids)
     assert forced.new_ids == free.new_ids
 
 
 def test_teacher_forcing_feeds_the_given_tokens_not_its_own(tiny, pixels):
     from tokcomp.stack import CompressionStack
 
-    stack = CompressionStack([], tiny.info)
-    free = tiny.run(pixels, PROMPT, stack, max_new_tokens=4, min_new_tokens=4)
+    stack = CompressionStack([], run_info(tiny, pixels))
+    free = run(tiny, pixels, PROMPT, stack, max_new_tokens=4, min_new_tokens=4)
     other = [(i + 7) % 200 for i in free.new_ids]
-    forced = tiny.run(pixels, PROMPT, stack, max_new_tokens=4, min_new_tokens=4, forced_ids=other)
+    forced = run(tiny, pixels, PROMPT, stack, max_new_tokens=4, min_new_tokens=4, forced_ids=other)
     assert forced.new_ids[0] == free.new_ids[0]  # the first prediction comes from prefill alone
     assert len(forced.new_ids) == 4
-    ids, _ = tiny.prompt_ids(PROMPT, free.ledger.visual_tokens_after_pre_llm)
+    ids = tiny.prompt(PROMPT, pixels, free.ledger.visual_tokens_after_pre_llm + free.ledger.special_tokens).ids
     with torch.no_grad():  # stock model on prompt + the forced first token predicts the second step
         logits = tiny.model(input_ids=torch.cat([ids, torch.tensor([[other[0]]])], dim=1),
-                            pixel_values_videos=pixels[None]).logits[0, -1]
+                            pixel_values_videos=pixels.pixels[None]).logits[0, -1]
     eos = sorted(tiny.eos_ids())
     logits[eos] = float("-inf")  # min_new_tokens suppresses EOS
     assert forced.new_ids[1] == int(logits.argmax())

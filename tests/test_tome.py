@@ -239,7 +239,8 @@ def test_r_4_leaves_48_tokens_per_frame_which_reach_the_llm_unpooled(tiny, pixel
     assert [e.tokens_per_frame for e in ledger.vision_layers] == [64, 60, 56, 52]
     assert [e.mlp_tokens for e in ledger.vision_layers] == [8 * 60, 8 * 56, 8 * 52, 8 * 48]
     assert ledger.vision_out_tokens_per_frame == 48
-    assert ledger.visual_tokens_after_pre_llm == 8 * 48 + 1  # 48 is no square: no pooling
+    assert ledger.visual_tokens_after_pre_llm == 8 * 48  # 48 is no square: no pooling
+    assert ledger.special_tokens == 1  # the newline follows the unpooled tokens
     assert ledger.llm_layers == [ledger.text_tokens + 8 * 48 + 1] * tiny.info.llm_layers
     assert torch.isfinite(out.prefill_logits).all()
 
@@ -249,7 +250,7 @@ def test_a_total_of_15_leaves_a_7x7_grid_which_is_pooled_to_4x4(tiny, pixels):
     assert [e.tokens_per_frame for e in ledger.vision_layers] == [64, 60, 56, 52]
     assert ledger.vision_out_tokens_per_frame == 49
     assert ledger.pooled_tokens_per_frame == 16
-    assert ledger.visual_tokens_after_pre_llm == 8 * 16 + 1
+    assert ledger.visual_tokens_after_pre_llm == 8 * 16 and ledger.special_tokens == 1
 
 
 def test_proportional_attention_changes_what_later_layers_compute(tiny, pixels):
@@ -265,6 +266,6 @@ def test_planned_ledger_equals_the_recorded_one(tiny, pixels, params):
     from tokcomp.plan import plan_ledger
 
     recorded = run_with(tiny, pixels, [ToMe(**params)], max_new_tokens=1).ledger
-    planned = plan_ledger(tiny.info, pixels.shape[0], recorded.text_tokens, [ToMe(**params)])
+    planned = plan_ledger(tiny, pixels.frames, recorded.text_tokens, [ToMe(**params)])
     planned.new_tokens = recorded.new_tokens
     assert planned.to_dict() == recorded.to_dict()

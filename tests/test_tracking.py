@@ -84,9 +84,10 @@ def test_child_run_holds_params_metrics_tags_and_artifacts(experiment):
     data = run.data
     assert data.params["strategies.0.name"] == "pooling" and data.params["strategies.0.ratio"] == "0.25"
     assert data.params["model.preset"] == "tiny" and data.params["timing.repeats"] == "2"
-    assert data.metrics["tokens.llm_visual"] == 4 * 4 + 1
+    assert data.metrics["tokens.llm_visual"] == 4 * 4  # content tokens; the newline is not counted
     assert data.metrics["tokens.vision_in"] == 4 * 64
-    assert data.metrics["retained_ratio"] == pytest.approx(17 / 65)
+    assert data.metrics["retained_ratio"] == pytest.approx(16 / 64)
+    assert data.metrics["tokens.llm_seq_first_layer"] == data.metrics["tokens.text"] + 4 * 4 + 1
     for metric in ("ttft.total_ms", "ttft.total_ms_min", "ttft.total_ms_max", "ttft.vision_ms",
                    "ttft.token_processing_ms", "ttft.prefill_ms", "ttft.other_ms", "throughput.tokens_per_s",
                    "memory.peak_mb", "fidelity.kl", "fidelity.top1_agreement", "fidelity.exact_match"):
@@ -99,7 +100,8 @@ def test_child_run_holds_params_metrics_tags_and_artifacts(experiment):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ledger.json", "generation.json"} <= artifacts
     ledger = json.load(open(client.download_artifacts(run.info.run_id, "ledger.json")))
-    assert ledger["visual_tokens_after_pre_llm"] == 17 and len(ledger["llm_layers"]) == 4
+    assert ledger["visual_tokens_after_pre_llm"] == 16 and len(ledger["llm_layers"]) == 4
+    assert ledger["special_tokens"] == 1 and ledger["uncompressed_visual_tokens"] == 64
     config = open(client.download_artifacts(run.info.run_id, "config.yaml")).read()
     assert "pooling" in config and "fastv" not in config
 

@@ -54,6 +54,10 @@ def test_missing_corrupt_and_short_videos_name_the_problem(tmp_path):
 
 def test_preprocess_resizes_and_normalises_like_siglip(tiny):
     frames = torch.full((2, 50, 70, 3), 255, dtype=torch.uint8)
-    x = tiny.preprocess(frames)
-    assert x.shape == (2, 3, tiny.image_size, tiny.image_size)
+    video = tiny.preprocess(frames)
+    size = tiny.config.vision_config.image_size
+    x = video.pixels
+    assert x.shape == (2, 3, size, size)
     torch.testing.assert_close(x, torch.ones_like(x))
+    assert (video.frames, video.rows) == (2, 2) and video.row_frames == [[0], [1]]
+    assert video.grid == tiny.info.vision_grid and video.llm_grid == tiny.info.pooled_grid

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tokcomp.strategies.visionzip import VisionZip, frame_budget
 
-from tests.conftest import run_with
+from tests.conftest import run_info, run_with
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.contextual import (
@@ -57,10 +57,10 @@ def test_tokens_per_frame_overrides_ratio_and_is_clamped_to_the_frame():
     assert split_budget(2) == (1, 1) and split_budget(64) == (54, 10)
 
 
-def test_plan_keeps_s_tokens_per_frame_and_the_newline():
-    planned = PlannedTokens([196] * 32, 1, (14, 14))
+def test_plan_keeps_s_tokens_per_frame():
+    planned = PlannedTokens([196] * 32, (14, 14))
     VisionZip(ratio=0.25).plan_pre_llm(None, planned)
-    assert planned.per_frame == [50] * 32 and planned.total == 32 * 50 + 1
+    assert planned.per_frame == [50] * 32 and planned.total == 32 * 50  # the framework adds the newline
 
 
 @pytest.mark.parametrize("params", [{"ratio": 0.0}, {"ratio": 1.5}, {"tokens_per_frame": 1},
@@ -149,33 +149,32 @@ def test_visionzip_select_keeps_dominant_in_spatial_order_then_contextual_per_fr
 
 
 def small_state(scores=None, keys=None):
-    """2 frames of 2x2 tokens + newline; features[i] = [i, 10 i]."""
-    n = 9
+    """2 frames of 2x2 tokens (content only: the newline never reaches a strategy); features[i] = [i, 10 i]."""
+    n = 8
     return VisualTokens(
         features=torch.arange(n, dtype=torch.float32)[:, None] * torch.tensor([1.0, 10.0]),
-        frame=torch.tensor([0] * 4 + [1] * 4 + [-1]), row=torch.tensor([0, 0, 1, 1] * 2 + [-1]),
-        col=torch.tensor([0, 1, 0, 1] * 2 + [-1]), is_newline=torch.arange(n) == n - 1, source=torch.arange(n),
+        frame=torch.tensor([0] * 4 + [1] * 4), row=torch.tensor([0, 0, 1, 1] * 2),
+        col=torch.tensor([0, 1, 0, 1] * 2), source=torch.arange(n),
         frame_sources=[[0], [1]], grid=(2, 2), scores=scores, keys=keys,
     )
 
 
-SCORES = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.7, 0.1, 0.3, 0.8, 0.0])
-KEYS = torch.tensor([[1.0, 0.0]] * 8 + [[0.0, 0.0]])
+SCORES = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.7, 0.1, 0.3, 0.8])
+KEYS = torch.tensor([[1.0, 0.0]] * 8)
 
 
-def test_strategy_outputs_dominant_then_contextual_per_frame_and_the_newline_last():
+def test_strategy_outputs_dominant_then_contextual_per_frame():
     # S = 3 per frame: 2 dominant + 1 contextual; the one target is the first remaining token.
     state = small_state(SCORES.clone(), KEYS.clone())
     VisionZip(tokens_per_frame=3).tokcomp_pre_llm(state)
     # frame 0: dominant 1, 2; remaining 0, 3 -> target 0 + token 3. frame 1: dominant 4, 7; 5 + token 6.
-    assert state.source.tolist() == [1, 2, 0, 4, 7, 5, 8]
-    assert state.features[:, 0].tolist() == [1, 2, 0 + 3, 4, 7, 5 + 6, 8]
-    assert state.features[:, 1].tolist() == [10, 20, 30, 40, 70, 110, 80]
-    assert state.frame.tolist() == [0, 0, 0, 1, 1, 1, -1]
-    assert state.row.tolist() == [0, 1, 0, 0, 1, 0, -1] and state.col.tolist() == [1, 0, 0, 0, 1, 1, -1]
-    assert state.is_newline.tolist() == [False] * 6 + [True]
-    assert state.scores.tolist() == pytest.approx(SCORES[[1, 2, 0, 4, 7, 5, 8]].tolist())
-    assert state.keys.shape == (7, 2)
+    assert state.source.tolist() == [1, 2, 0, 4, 7, 5]
+    assert state.features[:, 0].tolist() == [1, 2, 0 + 3, 4, 7, 5 + 6]
+    assert state.features[:, 1].tolist() == [10, 20, 30, 40, 70, 110]
+    assert state.frame.tolist() == [0, 0, 0, 1, 1, 1]
+    assert state.row.tolist() == [0, 1, 0, 0, 1, 0] and state.col.tolist() == [1, 0, 0, 0, 1, 1]
+    assert state.scores.tolist() == pytest.approx(SCORES[[1, 2, 0, 4, 7, 5]].tolist())
+    assert state.keys.shape == (6, 2)
 
 
 @pytest.mark.parametrize(("missing", "message"), [("scores", "received attention"), ("keys", "keys")])
@@ -193,10 +192,11 @@ def test_missing_scores_or_keys_is_a_clear_error(missing, message):
 def test_tiny_model_keeps_s_tokens_per_frame_as_planned(tiny, pixels):
     strategy = VisionZip(ratio=0.25)  # 16 tokens per frame -> S = 4: 3 dominant + 1 contextual
     ledger = run_with(tiny, pixels, [strategy]).ledger
-    assert ledger.visual_tokens_before_pre_llm == FRAMES * POOLED + 1
-    assert ledger.visual_tokens_after_pre_llm == FRAMES * 4 + 1
+    assert ledger.visual_tokens_before_pre_llm == FRAMES * POOLED
+    assert ledger.visual_tokens_after_pre_llm == FRAMES * 4
+    assert ledger.special_tokens == 1  # the newline still reaches the LLM
     assert ledger.llm_layers == [ledger.text_tokens + FRAMES * 4 + 1] * tiny.info.llm_layers
-    planned = plan_ledger(tiny.info, FRAMES, ledger.text_tokens, [strategy])
+    planned = plan_ledger(tiny, FRAMES, ledger.text_tokens, [strategy])
     assert planned.visual_tokens_after_pre_llm == ledger.visual_tokens_after_pre_llm
     assert planned.llm_layers == ledger.llm_layers
 
@@ -242,18 +242,20 @@ def reference_visionzip(features, scores, keys, dominant, contextual):
 
 def test_tiny_model_output_matches_a_loop_reference_on_the_adapters_scores_and_keys(tiny, pixels):
     from tokcomp.ledger import TokenLedger
+    from tokcomp.pipeline import encode_video
     from tokcomp.stack import CompressionStack
 
     probe, strategy = Probe(), VisionZip(ratio=0.5)  # S = 8: 6 dominant + 2 contextual (targets 0 and 5 of 10)
-    stack = CompressionStack([probe, strategy], tiny.info)
+    stack = CompressionStack([probe, strategy], run_info(tiny, pixels))
     try:
         with torch.no_grad():
-            tokens = tiny.encode(pixels, stack, TokenLedger())
+            tokens, specials = encode_video(tiny, pixels, stack, TokenLedger())
     finally:
         stack.close()
     features, scores, keys = probe.seen
-    assert keys.shape == (FRAMES * POOLED + 1, 16) and not keys[-1].any()  # head_dim 16; newline row zeros
-    expected, sources = reference_visionzip(features[:-1], scores[:-1], keys[:-1], 6, 2)
-    assert tokens.source.tolist() == sources + [FRAMES * POOLED]
-    torch.testing.assert_close(tokens.features[:-1], expected)
-    torch.testing.assert_close(tokens.features[-1], features[-1])
+    assert keys.shape == (FRAMES * POOLED, 16)  # head_dim 16; content tokens only, no newline row
+    expected, sources = reference_visionzip(features, scores, keys, 6, 2)
+    assert tokens.source.tolist() == sources
+    torch.testing.assert_close(tokens.features, expected)
+    # the newline is the framework's: emitted after the video, untouched by the strategy
+    torch.testing.assert_close(specials, tiny.model.model.image_newline[None].to(specials.dtype))

@@ -1,8 +1,8 @@
 """Time the Triton kernels of tokcomp.ops.kernels against their torch references at EarlyTom's shapes.
 
-    python benchmarks/kernels.py                    # CUDA: kernel vs reference; CPU: reference only
-    python benchmarks/kernels.py --repeats 200 --warmup 20
-    python benchmarks/kernels.py --compile-report   # also compile the kernels for sm_90 (no GPU needed)
+    python benchmarks/kernel_timing.py                    # CUDA: kernel vs reference; CPU: reference only
+    python benchmarks/kernel_timing.py --repeats 200 --warmup 20
+    python benchmarks/kernel_timing.py --compile-report   # also compile the kernels for sm_90 (no GPU needed)
 
 On CUDA each case is checked first (kernel vs reference, relative error or exact equality), then each
 implementation is warmed up and timed with CUDA events around every call, the L2 cache flushed
