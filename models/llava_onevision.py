@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tokcomp.models import LLAVA_ONEVISION_CAPABILITIES
+from tokcomp.models._hf import TransformersAdapter, check_device, random_model, torch_dtype
 from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
@@ -24,10 +25,8 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
 )
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
 
 from tokcomp.adapter import QK, ModelDescription, PromptLayout, VideoInput, VisionOutput
-from tokcomp.decoding import DecoderCache
 from tokcomp.errors import ConfigError
 from tokcomp.ops.pooling import bilinear_halve
 from tokcomp.strategy import ModelInfo
@@ -40,16 +39,6 @@ CAPABILITIES = LLAVA_ONEVISION_CAPABILITIES
 def _key_mask(bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """Log token sizes (frames, tokens) as an additive attention mask (frames, 1, 1, tokens) on the keys."""
     return None if bias is None else bias[:, None, None, :].to(dtype)
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def tiny_config(tokenizer: Any, image_size: int = 112) -> LlavaOnevisionConfig:
@@ -156,28 +145,14 @@ def describe(spec: Any, preset: str) -> ModelDescription:
     return description_from_config(preset_config(spec, preset), preset, prompt_token_counter(spec, preset))
 
 
-def _random_model(config: LlavaOnevisionConfig, dtype: torch.dtype, attn: str, seed: int):
-    config._attn_implementation = attn
-    for sub in (config.vision_config, config.text_config):
-        sub._attn_implementation = attn
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = LlavaOnevisionForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(dtype)
-
-
 def build(spec: Any, preset: str) -> LlavaOnevisionAdapter:
     """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
     dtype = torch_dtype(spec.dtype)
-    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={spec.device!r} but no CUDA device is available here")
+    check_device(spec)
     if spec.weights == "random":
         tokenizer = build_byte_tokenizer()
-        model = _random_model(preset_config(spec, preset), dtype, spec.attn_implementation, spec.seed)
+        model = random_model(LlavaOnevisionForConditionalGeneration, preset_config(spec, preset), dtype,
+                             spec.attn_implementation, spec.seed)
     else:
         source = _checkpoint(spec, preset)
         try:
@@ -197,7 +172,7 @@ PRESET_HUB_IDS = {
 }
 
 
-class LlavaOnevisionAdapter:
+class LlavaOnevisionAdapter(TransformersAdapter):
     """The primitives of ``tokcomp.adapter.ModelAdapter`` for one LLaVA-OneVision instance."""
 
     family = "llava_onevision"
@@ -214,33 +189,9 @@ class LlavaOnevisionAdapter:
         self.vision = getattr(tower, "vision_model", tower)
         self.language_model = model.model.language_model
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.config.text_config._attn_implementation or "eager"
-
-    @property
-    def decoder_layers(self):
-        return self.language_model.layers
-
     def _count_prompt(self, prompt: str) -> int:
         before, after = chat_segments(prompt)
         return sum(len(self.tokenizer(part, add_special_tokens=False).input_ids) for part in (before, after))
-
-    def eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.config.text_config.eos_token_id
-        if eos is None:
-            return set()
-        return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
 
     # ---- inputs ----------------------------------------------------------------------------
     def preprocess(self, frames: Tensor) -> VideoInput:
@@ -267,24 +218,6 @@ class LlavaOnevisionAdapter:
 
     def full_positions(self, layout: PromptLayout, video: VideoInput) -> Tensor:
         return torch.arange(layout.ids.shape[1], device=self.device)[None]
-
-    def embed_tokens(self, ids: Tensor) -> Tensor:
-        return self.language_model.embed_tokens(ids)
-
-    def decode_text(self, ids: list[int]) -> str:
-        """Decoded text; ids the tokenizer lacks (random-weight presets use a byte tokenizer) show as <id>."""
-        parts, run = [], []
-        for i in ids:
-            if i < len(self.tokenizer):
-                run.append(i)
-                continue
-            if run:
-                parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
-                run = []
-            parts.append(f"<{i}>")
-        if run:
-            parts.append(self.tokenizer.decode(run, skip_special_tokens=True))
-        return "".join(parts)
 
     # ---- vision encoder ----------------------------------------------------------------------
     def embed_video(self, video: VideoInput) -> Tensor:
@@ -332,27 +265,3 @@ class LlavaOnevisionAdapter:
         stats = {name: v[..., 0] if name != "keys" else v for name, v in stats.items()}
         newline = self.model.model.image_newline[None, :].to(pooled.dtype)
         return VisionOutput(pooled, stats, newline)
-
-    # ---- language model ----------------------------------------------------------------------
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache(config=self.language_model.config)
-
-    def forward_llm(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
-        out = self.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
-        return self.model.lm_head(out.last_hidden_state[:, -1])
-
-    def decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
-                   past_keys: Tensor | None = None) -> QK:
-        """Rotated queries of the entries ``query_idx`` (heads, Q, head_dim) and keys of every entry,
-        after ``past_keys`` (a layer's cache, already rotated) when given, KV heads repeated (heads, L, head_dim)."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        n_heads = self.config.text_config.num_attention_heads
-        q = attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), n_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, _ = apply_rotary_pos_emb(q, q, cos[:, query_idx], sin[:, query_idx])
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        if past_keys is not None:
-            k = torch.cat([past_keys.to(k.dtype), k], dim=2)
-        return QK(q[0], repeat_kv(k, attn.num_key_value_groups)[0], attn.scaling)

@@ -13,12 +13,12 @@ Frame size follows the video (``qwen_video``): ``min_pixels`` to ``max_pixels`` 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from tokcomp.models import qwen_tokenizer as qtok
 from tokcomp.models import qwen_video as qvid
+from tokcomp.models._hf import TransformersAdapter, check_device, random_model, torch_dtype
 from tokcomp.models.dims import dims_from_qwen2_5_vl_config
 from torch import Tensor
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -35,10 +35,6 @@ FAMILY, TINY = "qwen2_5_vl", "qwen2.5-vl-tiny"
 PRESET_HUB_IDS = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 PIXEL_BOUNDS = {TINY: (112 * 112, 112 * 112)}  # per-frame (min, max) pixels; others: qwen_video's defaults
 CAPABILITIES: frozenset[str] = frozenset()  # no intra-encoder hook: the blocks need the full patch grid
-DTYPES = dict(float32=torch.float32, fp32=torch.float32, bfloat16=torch.bfloat16, bf16=torch.bfloat16,
-              float16=torch.float16, fp16=torch.float16)
-# the decoder's cache keyword: `cache` in transformers 5.2x (`past_key_values` deprecated), `past_key_values` before
-_CACHE_KW = "cache" if "cache" in inspect.signature(qwen.Qwen2_5_VLTextModel.forward).parameters else "past_key_values"
 
 
 def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
@@ -98,27 +94,14 @@ def describe(spec: Any, preset: str) -> ModelDescription:
                                    lambda prompt: qtok.count_text_tokens(tokenizer, prompt))
 
 
-def random_model(config: Qwen2_5_VLConfig, dtype: torch.dtype, attn: str, seed: int):
-    for sub in (config, config.vision_config, config.text_config):
-        sub._attn_implementation = attn
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return Qwen2_5_VLForConditionalGeneration(config).to(dtype)
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build(spec: Any, preset: str) -> Qwen2_5_VLAdapter:
     """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
-    if spec.dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {spec.dtype!r}; use one of {sorted(DTYPES)}")
-    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={spec.device!r} but no CUDA device is available here")
-    bounds, source, dtype = pixel_bounds(spec, preset), _checkpoint(spec, preset), DTYPES[spec.dtype]
+    dtype = torch_dtype(spec.dtype)
+    check_device(spec)
+    bounds, source = pixel_bounds(spec, preset), _checkpoint(spec, preset)
     if source is None:
-        model = random_model(preset_config(spec, preset), dtype, spec.attn_implementation, spec.seed)
+        model = random_model(Qwen2_5_VLForConditionalGeneration, preset_config(spec, preset), dtype,
+                             spec.attn_implementation, spec.seed)
     else:
         try:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -129,7 +112,7 @@ def build(spec: Any, preset: str) -> Qwen2_5_VLAdapter:
     return Qwen2_5_VLAdapter(model, qtok.load_tokenizer(source), preset, *bounds)
 
 
-class Qwen2_5_VLAdapter:
+class Qwen2_5_VLAdapter(TransformersAdapter):
     """The primitives of ``tokcomp.adapter.ModelAdapter`` for one Qwen2.5-VL instance."""
 
     family = FAMILY
@@ -143,30 +126,6 @@ class Qwen2_5_VLAdapter:
         self.description = description_from_config(self.config, preset, (min_pixels, max_pixels),
                                                    lambda prompt: qtok.count_text_tokens(tokenizer, prompt))
         self.info, self.dims = self.description.info, self.description.dims
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.config.text_config._attn_implementation or "eager"
-
-    @property
-    def decoder_layers(self):
-        return self.language_model.layers
-
-    def eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        eos = self.config.text_config.eos_token_id if eos is None else eos
-        return set() if eos is None else set(eos) if isinstance(eos, list | tuple) else {int(eos)}
-
-    def decode_text(self, ids: list[int]) -> str:
-        return qtok.decode_ids(self.tokenizer, ids)
 
     # ---- inputs ----------------------------------------------------------------------------
     def preprocess(self, frames: Tensor, fps: float | None = None) -> VideoInput:
@@ -192,9 +151,6 @@ class Qwen2_5_VLAdapter:
             layout.ids, mm_token_type_ids=types, video_grid_thw=video.extra["grid_thw"],
             second_per_grid_ts=video.extra["second_per_grid_ts"])
         return positions[:, 0]
-
-    def embed_tokens(self, ids: Tensor) -> Tensor:
-        return self.language_model.embed_tokens(ids)
 
     # ---- vision encoder ----------------------------------------------------------------------
     def _geometry(self, video: VideoInput, rows: int, tokens: int) -> dict[str, Any]:
@@ -255,29 +211,13 @@ class Qwen2_5_VLAdapter:
         return VisionOutput(features, pooled, features.new_zeros(0, features.shape[-1]))
 
     # ---- language model ----------------------------------------------------------------------
-    def new_cache(self):
-        from tokcomp.decoding import DecoderCache  # the one place that knows where the core keeps it
+    def llm_positions(self, positions: Tensor) -> Tensor:
+        """(3, L) -> (3, 1, L), the decoder's M-RoPE layout (a single row is broadcast to the three)."""
+        return (positions[:, None, :] if positions.dim() == 2 else positions).expand(3, -1, -1)
 
-        return DecoderCache(config=self.language_model.config)
-
-    def forward_llm(self, embeds: Tensor, positions: Tensor, cache: Any) -> Tensor:
-        """Logits (1, vocab) of the last position; positions (3, L) or (3, 1, L) (a single row is broadcast)."""
-        positions = (positions[:, None, :] if positions.dim() == 2 else positions).expand(3, -1, -1)
-        out = self.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True, **{_CACHE_KW: cache})
-        return self.model.lm_head(out.last_hidden_state[:, -1])
-
-    def decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
-                   past_keys: Tensor | None = None) -> QK:
-        """Rotated queries of the entries ``query_idx`` (heads, Q, head_dim) and keys of every entry,
-        after ``past_keys`` (a layer's cache, already rotated) when given, KV heads repeated (heads, L, head_dim).
-        ``position_embeddings``: the layer's (cos, sin), (1, L, head_dim) after the M-RoPE recomposition."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, _ = qwen.apply_rotary_pos_emb(q, q, cos[:, query_idx], sin[:, query_idx])
-        _, k = qwen.apply_rotary_pos_emb(k, k, cos, sin)
-        if past_keys is not None:
-            k = torch.cat([past_keys.to(k.dtype), k], dim=2)
-        return QK(q[0], qwen.repeat_kv(k, attn.num_key_value_groups)[0], attn.scaling)
+    def stock_inputs(self, text: str, video: VideoInput) -> dict[str, Tensor]:
+        """The uncompressed prompt as the stock model's forward/generate takes it (for reference checks)."""
+        ids = self.prompt(text, video, video.rows * video.llm_grid[0] * video.llm_grid[1]).ids
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=video.pixels,
+                    video_grid_thw=video.extra["grid_thw"], second_per_grid_ts=video.extra["second_per_grid_ts"],
+                    mm_token_type_ids=(ids == self.config.video_token_id).int() * 2)

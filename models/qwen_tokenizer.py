@@ -85,20 +85,6 @@ def count_text_tokens(tokenizer, prompt: str) -> int:
     return sum(len(tokenizer(part, add_special_tokens=False).input_ids) for part in chat_segments(prompt))
 
 
-def decode_ids(tokenizer, ids: list[int]) -> str:
-    """Decoded text; ids the tokenizer lacks (a byte tokenizer with a real-size vocab) show as <id>."""
-    parts, run = [], []
-    for i in [*ids, None]:
-        if i is not None and i < len(tokenizer):
-            run.append(i)
-            continue
-        if run:
-            parts.append(tokenizer.decode(run, skip_special_tokens=True))
-            run = []
-        parts.append("" if i is None else f"<{i}>")
-    return "".join(parts)
-
-
 def tiny_config(tokenizer: Any) -> Qwen2_5_VLConfig:
     """A few-layer Qwen2.5-VL with the real structure: windowed and full-attention ViT blocks (windows
     of 2x2 merge units, 56 px), the 2x2 merger, a GQA SwiGLU decoder with M-RoPE."""

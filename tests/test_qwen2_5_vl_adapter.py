@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokcomp.models import qwen2_5_vl, qwen_tokenizer, qwen_video
-from transformers import AttentionInterface, Qwen2_5_VLConfig
+from tokcomp.models._hf import random_model
+from transformers import AttentionInterface, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 from tests.conftest import model_spec
@@ -379,7 +380,7 @@ def test_three_b_sizes_reproduce_the_stock_vision_tower_and_logits():
     config.vision_config.depth, config.vision_config.fullatt_block_indexes = 2, [1]
     config.text_config.num_hidden_layers = 2
     config.text_config.layer_types = config.text_config.layer_types[:2]
-    model = qwen2_5_vl.random_model(config, torch.float32, "sdpa", seed=0).eval()
+    model = random_model(Qwen2_5_VLForConditionalGeneration, config, torch.float32, "sdpa", seed=0).eval()
     adapter = qwen2_5_vl.Qwen2_5_VLAdapter(model, tokenizer, "qwen2.5-vl-3b")
     video = adapter.preprocess(clip(4, 112, 112))
     assert (video.rows, video.grid) == (2, (14, 14))
