@@ -37,6 +37,7 @@ from torch import Tensor
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
+from tokcomp.ops.selection import topk_positions
 from tokcomp.ops.temporal import apply_plan, merge_plan, plan_sources, segment_ends, segment_frames, tiles
 from tokcomp.ops.windows import (
     labelled_window_argmax,
@@ -45,7 +46,6 @@ from tokcomp.ops.windows import (
     rescaled_ratio,
     square_windows,
     topk_count,
-    topk_positions,
     window_count,
 )
 from tokcomp.state import EncoderState, StrategyContractError, VisualTokens
@@ -94,8 +94,8 @@ class FrameMerge(Strategy):
     def encoder_layers(self, info: ModelInfo) -> set[int]:
         return set(self.layers)
 
-    def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
-        return {max(self.layers)} if self.merge_attention else set()
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        return {"vision.attention": {max(self.layers)}} if self.merge_attention else {}
 
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
@@ -132,7 +132,7 @@ class DecoupledSelect(Strategy):
         check_segmentation(self.tau_seg, self.alpha, self.M)
         if self.base_frames is not None and self.base_frames < 1:
             raise ValueError(f"base_frames={self.base_frames!r} must be >= 1")
-        # resolved against the model in encoder_attention_layers (called when the stack is built)
+        # resolved against the model in statistics() (called when the stack is built)
         self._score_layer = self.score_layer if self.score_layer is None or self.score_layer >= 0 else None
 
     def check(self, info: ModelInfo) -> None:
@@ -140,11 +140,11 @@ class DecoupledSelect(Strategy):
             raise ConfigError(f"strategy {self.name!r}: score_layer={self.score_layer} is outside the vision layers "
                               f"{-info.vision_layers}..{info.vision_layers - 1}")
 
-    def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
         if self.score_layer is None or self.sampling == "random":
-            return set()
+            return {}
         self._score_layer = self.score_layer % info.vision_layers
-        return {self._score_layer}
+        return {"vision.attention": {self._score_layer}}
 
     def start(self, seed: int) -> None:
         self._generator = torch.Generator().manual_seed(self.seed if self.seed is not None else seed)

@@ -88,8 +88,8 @@ class FastVID(Strategy):
         if self.density_k < 1:
             raise ValueError(f"density_k={self.density_k!r} must be >= 1")
 
-    def encoder_saliency_layers(self, info: ModelInfo) -> set[int]:
-        return {info.vision_layers - 1}
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        return {"vision.saliency": {-1}}
 
     def nominal_pre_llm(self, info: ModelInfo, tokens) -> None:
         """The budget FastVID targets: int(P * ratio) per frame (the segmentation may leave fewer)."""
@@ -98,8 +98,8 @@ class FastVID(Strategy):
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         if state.saliency is None:
-            raise ConfigError(f"strategy {self.name!r} received no saliency (the adapter must deliver "
-                              "encoder_saliency_layers' statistic at pre-LLM)")
+            raise ConfigError(f"strategy {self.name!r} received no saliency (the framework must deliver "
+                              "the vision.saliency statistic at pre-LLM)")
         members = groups(state.frame)
         global_features = torch.stack([state.features[m].float().mean(dim=0) for m in members])
         kept, features = fastvid_select(

@@ -55,10 +55,10 @@ What runs before decoder layer ``layer`` (K) during prefill:
 
 1. Score the visual tokens (the newline is the framework's special token, kept like text) by layer
    K-1's attention row of the last prompt token, averaged over heads (the same statistic as FastV).
-2. Keep the top ``round(L_v * (1 - ratio))`` of the L_v visual tokens (Python ``round``, halves to
-   even; at least one). ``ratio`` is the fraction of visual tokens **merged away**, HoliTom's
-   ``HOLITOM_r`` (0.5 by default): the opposite direction to ``fastv.ratio``, which is the
-   fraction kept. ``ratio = 0`` merges nothing and leaves the run unchanged.
+2. Keep the top ``round(L_v * (1 - merge_ratio))`` of the L_v visual tokens (Python ``round``,
+   halves to even; at least one). ``merge_ratio`` is the fraction of visual tokens **merged away**,
+   HoliTom's ``HOLITOM_r`` (0.5 by default), hence its name: ``ratio`` everywhere else is the
+   fraction kept. ``merge_ratio = 0`` merges nothing and leaves the run unchanged.
 3. Assign every other visual token to the kept token whose hidden state (entering layer K) is
    most cosine-similar, and merge: ``mode="mean"`` replaces each kept token by the true mean of
    itself and its assigned tokens (what the official, unused, Triton kernel computes);
@@ -82,14 +82,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from tokcomp.strategies._inner import LastTokenAttentionStrategy
+from tokcomp.strategies._scorer import LayerScorer
 from torch import Tensor
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.cluster import dpc_knn_cluster
 from tokcomp.ops.merge import merge_mean, merge_sequential, merged_keep_count, nearest_kept
-from tokcomp.ops.selection import topk_indices
 from tokcomp.ops.static_windows import (
     beta_merge,
     consecutive_similarity,
@@ -113,31 +112,27 @@ MERGES = {"mean": merge_mean, "sequential": merge_sequential}
 
 
 @dataclass
-class InnerMerge(LastTokenAttentionStrategy):
+class InnerMerge(LayerScorer):
     name = "holitom.inner_merge"
     summary = "merge visual tokens at LLM layer K into the top ones by layer K-1's last-token attention"
     layer: int = 18
-    ratio: float = 0.5  # fraction of visual tokens merged away (HoliTom's HOLITOM_r), in [0, 1)
+    merge_ratio: float = 0.5  # fraction of visual tokens merged away (HoliTom's HOLITOM_r), in [0, 1)
     mode: Literal["mean", "sequential"] = "mean"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
+        if not 0.0 <= self.merge_ratio < 1.0:
             raise ConfigError(
-                f"strategy {self.name!r}: ratio={self.ratio!r} is outside [0, 1) "
+                f"strategy {self.name!r}: merge_ratio={self.merge_ratio!r} is outside [0, 1) "
                 "(the fraction of visual tokens merged away; at least one must be kept)"
             )
         if self.mode not in MERGES:
             raise ConfigError(f"strategy {self.name!r}: mode={self.mode!r} is not one of {sorted(MERGES)}")
 
-    def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
-        return merged_keep_count(visual, self.ratio)
+    def budget(self, n: int) -> int:
+        return merged_keep_count(n, self.merge_ratio)
 
-    @hookimpl
-    def tokcomp_inner_llm(self, state: LLMState) -> None:
-        visual, scores = self.visual_scores(state)
-        if visual.numel() == 0:
-            return
-        chosen = topk_indices(scores, merged_keep_count(visual.numel(), self.ratio)).to(visual.device)
+    def act(self, state: LLMState, visual: Tensor, chosen: Tensor) -> None:
+        """Merge every visual token not chosen into its most similar chosen one, then drop it."""
         is_kept = torch.zeros(visual.numel(), dtype=torch.bool, device=visual.device)
         is_kept[chosen] = True
         kept, others = visual[is_kept], visual[~is_kept]  # both in visual (sequence) order
@@ -147,8 +142,7 @@ class InnerMerge(LastTokenAttentionStrategy):
             merged = hidden.clone()
             merged[kept] = MERGES[self.mode](hidden, kept, others, assignment)
             state.set_hidden(merged[None])
-        text = torch.nonzero(~state.visual_mask, as_tuple=False).flatten().to(visual.device)
-        state.keep(torch.cat([text, kept]))
+        state.keep_visual(kept)
 
 
 @dataclass
@@ -180,8 +174,8 @@ class OuterMerge(Strategy):
             raise ConfigError(f"strategy {self.name!r}: layer={self.layer} is outside the vision layers "
                               f"{-info.vision_layers}..{info.vision_layers - 1}")
 
-    def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer % info.vision_layers}
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        return {"vision.attention": {self.layer}}
 
     def nominal_pre_llm(self, info: ModelInfo, tokens: PlannedTokens) -> None:
         """The paper protocol's budget: int(T * P * ratio) video tokens, spread over the frames."""

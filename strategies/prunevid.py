@@ -35,7 +35,7 @@ Stage 2, ``prunevid.inner`` (inner-LLM, prefill), after decoder layer ``layer`` 
 runs before layer ``layer + 1``:
 
 - Score each visual token by layer ``layer``'s attention from all text tokens after the video to
-  it, max over heads and over those queries (``text_attention_layers``).
+  it, max over heads and over those queries (the ``llm.text`` statistic).
 - Per group, keep the top ceil(n * alpha) tokens (alpha 0.4), so every static group and every
   frame's dynamic group keeps at least one token; visual tokens labelled -1 are kept (the newline
   is not a visual token: the framework keeps it like text). If no visual token has a label >= 0
@@ -145,8 +145,8 @@ class Inner(Strategy):
     def llm_layers(self, info: ModelInfo) -> set[int]:
         return {self.layer + 1}
 
-    def text_attention_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer}
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        return {"llm.text": {self.layer}}
 
     @hookimpl
     def tokcomp_inner_llm(self, state: LLMState) -> None:
@@ -158,9 +158,7 @@ class Inner(Strategy):
             labels = torch.full_like(visual, -1)
         else:
             labels = state.visual_group.to(visual.device)[visual]
-        kept = visual[group_topk(scores, labels, self.alpha).to(visual.device)]
-        text = torch.nonzero(~state.visual_mask, as_tuple=False).flatten().to(visual.device)
-        state.keep(torch.cat([text, kept]), prune_earlier_cache=True)
+        state.keep_visual(visual[group_topk(scores, labels, self.alpha).to(visual.device)], prune_earlier_cache=True)
 
 
 PRUNEVID_STRATEGIES = (Outer, Inner)

@@ -2,15 +2,18 @@
 
 Before each decoder layer in ``layers`` the visual tokens still alive are ranked by the previous
 layer's attention row of the last prompt token (the last instruction token), averaged over heads,
-and the top ``int(n * ratio)`` (at least one) are kept; the newline is the framework's special token,
-kept like text, as in FastV.
+and the top ``int(n * stage_ratio)`` (at least one) are kept; the newline is the framework's special
+token, kept like text, as in FastV. ``stage_ratio`` is PyramidDrop's lambda, the fraction of the
+*surviving* visual tokens kept at each stage (after s stages stage_ratio^s of them are left), not a
+fraction of all visual tokens as ``ratio`` is elsewhere.
 Kept tokens keep their original positions. With one layer this is FastV; PyramidDrop's point is
 that later layers tolerate far fewer tokens, so the total cost falls faster than the first cut.
 
 Defaults are the official LLaVA-1.5/NeXT ones (32 decoder layers: stage boundaries at layers
 8, 16 and 24) given as fractions of the depth, 0.25/0.5/0.75, so they fit every model (6/12/18 on
-Qwen2-0.5B's 24 layers, 7/14/21 on Qwen2-7B's 28), with lambda = 0.5: 50%, 25% and 12.5% of the
-visual tokens run in the last three quarters. Integers still name exact layers. Deviation: the official code scores with the last instruction token's query against
+Qwen2-0.5B's 24 layers, 7/14/21 on Qwen2-7B's 28), with stage_ratio (lambda) = 0.5: 50%, 25% and
+12.5% of the visual tokens run in the last three quarters. Integers still name exact layers.
+Deviation: the official code scores with the last instruction token's query against
 the keys *of the boundary layer itself* computed inside its patched attention; here the score is
 the previous layer's row computed beside that layer (FastV's statistic), which keeps fused
 attention and is what the FLOPs accounting counts.
@@ -20,29 +23,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from tokcomp.strategies._scorer import InnerScorer
 
 from tokcomp.errors import ConfigError
-from tokcomp.hookspecs import hookimpl
-from tokcomp.ops.selection import topk_indices
-from tokcomp.state import LLMState
-from tokcomp.strategy import ModelInfo, Strategy, check_layer, check_ratio, depth_layer
+from tokcomp.strategy import ModelInfo, check_layer, check_ratio, depth_layer
 
 
-def stage_keep(n: int, ratio: float) -> int:
-    """Visual tokens kept out of ``n`` at one stage: int(n * ratio), at least one."""
-    return max(1, min(n, int(n * ratio))) if n else 0
+def stage_keep(n: int, stage_ratio: float) -> int:
+    """Visual tokens kept out of ``n`` at one stage: int(n * stage_ratio), at least one."""
+    return max(1, min(n, int(n * stage_ratio))) if n else 0
 
 
 @dataclass
-class PyramidDrop(Strategy):
+class PyramidDrop(InnerScorer):
     name = "pyramiddrop"
     summary = "drop visual tokens in stages at several LLM layers by the last token's attention"
     layers: tuple[int | float, ...] = (0.25, 0.5, 0.75)  # layer indices or fractions of the depth (immutable default)
-    ratio: float = 0.5  # lambda: fraction of the surviving visual tokens kept at each stage
+    stage_ratio: float = 0.5  # lambda: fraction of the surviving visual tokens kept at each stage
 
     def __post_init__(self) -> None:
-        check_ratio(self.name, "ratio", self.ratio)
+        check_ratio(self.name, "stage_ratio", self.stage_ratio)
         if not self.layers:
             raise ValueError("layers=[] has no stage; give at least one decoder layer")
         if len(set(self.layers)) != len(self.layers):
@@ -62,18 +62,5 @@ class PyramidDrop(Strategy):
     def llm_layers(self, info: ModelInfo) -> set[int]:
         return set(self._layers(info))
 
-    def attention_layers(self, info: ModelInfo) -> set[int]:
-        return {layer - 1 for layer in self._layers(info)}
-
-    def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:
-        return stage_keep(visual, self.ratio)
-
-    @hookimpl
-    def tokcomp_inner_llm(self, state: LLMState) -> None:
-        visual = state.visual_indices()
-        if visual.numel() == 0:
-            return
-        scores = state.last_token_attention[state.layer - 1][visual]
-        kept = visual[topk_indices(scores, stage_keep(visual.numel(), self.ratio)).to(visual.device)]
-        text = torch.nonzero(~state.visual_mask, as_tuple=False).flatten()
-        state.keep(torch.cat([text, kept]))
+    def budget(self, n: int) -> int:
+        return stage_keep(n, self.stage_ratio)

@@ -124,8 +124,8 @@ class ToMe(Strategy):
     def encoder_mid_layers(self, info: ModelInfo) -> set[int]:
         return {i for i, r in enumerate(self.schedule(info.vision_layers)) if r > 0}
 
-    def encoder_key_layers(self, info: ModelInfo) -> set[int]:
-        return self.encoder_mid_layers(info)
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        return {"vision.keys": self.encoder_mid_layers(info)}
 
     def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int, tokens: int) -> tuple[int, int]:
         r = self.schedule(info.vision_layers)[layer]

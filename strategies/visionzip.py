@@ -5,7 +5,8 @@ model, 16 on the tiny one), keep S tokens:
 
 1. **Dominant**: ``int(S * 54 / 64)`` tokens with the most received attention (mean over heads
    and queries) in the last vision layer, pooled like the features (``state.scores``). They stay
-   in spatial order. Attention concentrates on a few tokens, which carry most of the information.
+   in spatial order (the per-frame top-k of ``tokcomp.ops.selection``, as ``topk`` uses).
+   Attention concentrates on a few tokens, which carry most of the information.
 2. **Contextual**: the other ``S - dominant`` tokens summarise what is left. Among the remaining
    tokens (spatial order), targets sit at a uniform stride ``step = max(1, m // c)`` (positions
    0, step, 2*step, ..., the first c), for m remaining tokens and c contextual ones. Every other remaining
@@ -57,7 +58,7 @@ from torch import Tensor
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.contextual import split_budget, visionzip_select
-from tokcomp.ops.selection import groups
+from tokcomp.ops.selection import equal_size_batches, groups
 from tokcomp.state import VisualTokens
 from tokcomp.strategy import ModelInfo, Strategy, check_ratio
 
@@ -94,11 +95,8 @@ class VisionZip(Strategy):
             raise ConfigError(f"strategy {self.name!r}: tokens_per_frame={self.tokens_per_frame} exceeds the "
                               f"{pooled} pooled tokens per frame of model {info.name!r}")
 
-    def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
-        return {info.vision_layers - 1}
-
-    def encoder_key_layers(self, info: ModelInfo) -> set[int]:
-        return {info.vision_layers - 1}
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        return {"vision.attention": {-1}, "vision.keys": {-1}}
 
     def budget(self, tokens: int) -> int:
         """S for a frame of ``tokens`` tokens."""
@@ -116,12 +114,9 @@ class VisionZip(Strategy):
                     f"(state.{field} is None: an earlier pre-LLM strategy replaced the tokens without them)"
                 )
         members = groups(state.frame)
-        by_count: dict[int, list[int]] = {}
-        for i, m in enumerate(members):
-            by_count.setdefault(m.numel(), []).append(i)
         features: list[Tensor | None] = [None] * len(members)
         picked: list[Tensor | None] = [None] * len(members)
-        for n, which in by_count.items():  # frames with equal token counts run as one batch
+        for n, which in equal_size_batches(members).items():  # frames with equal token counts run as one batch
             idx = torch.stack([members[i] for i in which]).to(state.features.device)  # (frames, n)
             dominant, contextual = split_budget(self.budget(n))
             out, positions = visionzip_select(state.features[idx], state.scores.to(idx.device)[idx],

@@ -213,11 +213,6 @@ def test_square_windows_tile_the_grid_in_blocks():
     assert windows.labelled_window_argmax(scores, ids).tolist() == [[2, 5, 9, 15]]
 
 
-def test_topk_positions_are_per_row_and_ascending():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.8, 0.1, 0.2, 0.3]])
-    assert windows.topk_positions(scores, 2).tolist() == [[1, 3], [0, 3]]
-
-
 def test_random_positions_are_distinct_ascending_and_seeded():
     a = windows.random_positions(3, 16, 5, torch.Generator().manual_seed(0))
     b = windows.random_positions(3, 16, 5, torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ from tests.conftest import run_with
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops import fastvid as fv
 from tokcomp.plan import PlannedTokens, ScheduleUnknown, plan_ledger
+from tokcomp.stack import CompressionStack
 from tokcomp.state import LLMState, VisualTokens
 from tokcomp.strategy import Strategy
 
@@ -167,7 +168,7 @@ def test_fastvid_declares_no_plan_but_a_nominal_budget_of_int_p_r_per_frame(tiny
 
 
 def test_fastvid_requests_the_last_vision_layers_saliency(tiny):
-    assert FastVID().encoder_saliency_layers(tiny.info) == {tiny.info.vision_layers - 1}
+    assert CompressionStack([FastVID()], tiny.info).statistics["vision.saliency"] == {tiny.info.vision_layers - 1}
 
 
 class PositionProbe(Strategy):

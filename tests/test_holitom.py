@@ -15,6 +15,7 @@ from tests.conftest import run_with
 from tokcomp.errors import ConfigError
 from tokcomp.ops import static_windows as sw
 from tokcomp.plan import PlannedTokens
+from tokcomp.stack import CompressionStack
 from tokcomp.state import VisualTokens
 from tokcomp.strategy import ModelInfo
 
@@ -286,7 +287,7 @@ def test_outer_merge_defaults_are_holitoms_and_it_scores_with_the_last_vision_la
     s = OuterMerge()
     assert (s.ratio, s.tau, s.k, s.beta, s.max_window) == (0.1, 0.8, 7, 0.6, 1024)
     info = ModelInfo("m", 26, (27, 27), (14, 14), 24, 896)
-    assert s.encoder_attention_layers(info) == {25}
+    assert CompressionStack([s], info).statistics["vision.attention"] == {25}
     with pytest.raises(ConfigError, match="layer=26"):
         OuterMerge(layer=26).check(info)
     assert OuterMerge in HOLITOM_STRATEGIES and InnerMerge in HOLITOM_STRATEGIES

@@ -13,6 +13,7 @@ from tokcomp.strategies.pyramiddrop import PyramidDrop, stage_keep
 from tests.conftest import run_with
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.pooling import average_pool_grid
+from tokcomp.stack import CompressionStack
 from tokcomp.state import DecodeState, EncoderState
 from tokcomp.strategy import Strategy
 
@@ -35,11 +36,8 @@ class EncoderProbe(Strategy):
     def encoder_mid_layers(self, info):
         return set(self.mid)
 
-    def encoder_key_layers(self, info):
-        return set(self.keys_at)
-
-    def encoder_saliency_layers(self, info):
-        return set(self.saliency_at)
+    def statistics(self, info):
+        return {"vision.keys": set(self.keys_at), "vision.saliency": set(self.saliency_at)}
 
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
@@ -121,8 +119,8 @@ def test_pooled_keys_reach_the_pre_llm_stage_one_row_per_content_token(tiny, pix
     class PreProbe(Strategy):
         name = "test.pre_probe"
 
-        def encoder_key_layers(self, info):
-            return {-1}
+        def statistics(self, info):
+            return {"vision.keys": {-1}}
 
         @hookimpl
         def tokcomp_pre_llm(self, state):
@@ -134,7 +132,7 @@ def test_pooled_keys_reach_the_pre_llm_stage_one_row_per_content_token(tiny, pix
     assert bool(seen["keys"].abs().sum(-1).gt(0).all())  # every row is a pooled key, none a placeholder
     assert out.ledger.special_tokens == 1
     assert out.ledger.llm_layers[0] == out.ledger.text_tokens + 8 * 16 + 1
-    assert VisionZip(ratio=0.25).encoder_key_layers(tiny.info) == {tiny.info.vision_layers - 1}
+    assert CompressionStack([VisionZip(ratio=0.25)], tiny.info).statistics["vision.keys"] == {tiny.info.vision_layers - 1}
 
 
 def test_selecting_every_cache_entry_on_decode_steps_changes_nothing(tiny, pixels):
@@ -183,7 +181,7 @@ def test_decode_selection_may_not_drop_text_entries():
 
 
 def test_pyramiddrop_keeps_half_the_survivors_at_each_stage(tiny, pixels):
-    out = run_with(tiny, pixels, [PyramidDrop(layers=[1, 3], ratio=0.5)])
+    out = run_with(tiny, pixels, [PyramidDrop(layers=[1, 3], stage_ratio=0.5)])
     text = out.ledger.text_tokens
     assert out.ledger.special_tokens == 1  # the newline is kept like text, not dropped with visual tokens
     assert [n - text - 1 for n in out.ledger.llm_layers] == [128, 64, 64, 32]
@@ -196,7 +194,7 @@ def test_pyramiddrop_keeps_the_tokens_the_last_token_attends_to_most():
     state = LLMState(layer=3, num_layers=4, hidden=torch.zeros(1, 6, 2), position_ids=torch.arange(6)[None],
                      visual_mask=torch.tensor([False, True, True, True, True, False]),
                      last_token_attention={2: torch.tensor([0.3, 0.05, 0.3, 0.1, 0.2, 0.05])})
-    PyramidDrop(layers=[3], ratio=0.5).tokcomp_inner_llm(state)
+    PyramidDrop(layers=[3], stage_ratio=0.5).tokcomp_inner_llm(state)
     assert state.position_ids.tolist() == [[0, 2, 4, 5]]
 
 
@@ -209,6 +207,8 @@ def test_pyramiddrop_rejects_impossible_layers(tiny):
     assert PyramidDrop().llm_layers(tiny.info) == {1, 2, 3}
     with pytest.raises(ValueError, match="repeats"):
         PyramidDrop(layers=[1, 1])
+    with pytest.raises(ConfigError, match="'ratio'. Did you mean 'stage_ratio'"):  # lambda is not a kept fraction
+        PyramidDrop.from_params({"ratio": 0.5})
 
 
 def test_input_baselines_reject_impossible_ratios():

@@ -127,7 +127,7 @@ def hand_state(layer: int = 1) -> LLMState:
 def test_hook_keeps_top_attended_visual_tokens_and_merges_each_other_into_its_nearest(mode):
     state = hand_state()
     before = state.hidden.clone()
-    InnerMerge(layer=1, ratio=0.5, mode=mode).tokcomp_inner_llm(state)
+    InnerMerge(layer=1, merge_ratio=0.5, mode=mode).tokcomp_inner_llm(state)
     # 2 of 4 visual kept (2 and 4); 1 points along 2, 3 along 4; positions keep their gaps
     assert state.position_ids.tolist() == [[0, 2, 4, 5]]
     assert state.visual_mask.tolist() == [False, True, True, False]
@@ -140,7 +140,7 @@ def test_hook_merges_in_visual_order_in_sequential_mode():
     state = hand_state()
     state.last_token_attention = {0: torch.tensor([0.3, 0.1, 0.05, 0.05, 0.4, 0.2])}  # visual 4 ranks first
     before = state.hidden[0].clone()
-    InnerMerge(layer=1, ratio=0.75, mode="sequential").tokcomp_inner_llm(state)  # round(4 * 0.25) = 1 kept: 4
+    InnerMerge(layer=1, merge_ratio=0.75, mode="sequential").tokcomp_inner_llm(state)  # round(4 * 0.25) = 1 kept: 4
     assert state.position_ids.tolist() == [[0, 4, 5]]
     expected = before[4]
     for src in (1, 2, 3):
@@ -152,7 +152,7 @@ def test_hook_merges_in_visual_order_in_sequential_mode():
 def test_hook_leaves_text_hidden_states_and_the_attention_row_of_kept_tokens_untouched():
     state = hand_state()
     before = state.hidden.clone()
-    InnerMerge(layer=1, ratio=0.5).tokcomp_inner_llm(state)
+    InnerMerge(layer=1, merge_ratio=0.5).tokcomp_inner_llm(state)
     assert torch.equal(state.hidden[0, [0, 3]], before[0, [0, 5]])
     assert state.last_token_attention[0].tolist() == pytest.approx([0.3, 0.2, 0.15, 0.2])
 
@@ -160,7 +160,7 @@ def test_hook_leaves_text_hidden_states_and_the_attention_row_of_kept_tokens_unt
 def test_zero_ratio_merges_nothing():
     state = hand_state()
     before = state.hidden.clone()
-    InnerMerge(layer=1, ratio=0.0).tokcomp_inner_llm(state)
+    InnerMerge(layer=1, merge_ratio=0.0).tokcomp_inner_llm(state)
     assert torch.equal(state.hidden, before) and state.position_ids.tolist() == [list(range(6))]
 
 
@@ -168,14 +168,15 @@ def test_zero_ratio_merges_nothing():
 
 def test_defaults_are_the_official_ones():
     s = InnerMerge()
-    assert (s.layer, s.ratio, s.mode) == (18, 0.5, "mean")
+    assert (s.layer, s.merge_ratio, s.mode) == (18, 0.5, "mean")
     assert s.name == "holitom.inner_merge" and InnerMerge in HOLITOM_STRATEGIES
     assert InnerMerge.hook_points() == ["inner_llm"]
 
 
 @pytest.mark.parametrize("params, bad", [
-    ({"ratio": 1.0}, "ratio=1.0"), ({"ratio": -0.1}, "ratio=-0.1"), ({"ratio": float("nan")}, "ratio=nan"),
-    ({"mode": "max"}, "'max'"), ({"ratio": "half"}, "'half'"),
+    ({"merge_ratio": 1.0}, "merge_ratio=1.0"), ({"merge_ratio": -0.1}, "merge_ratio=-0.1"),
+    ({"merge_ratio": float("nan")}, "merge_ratio=nan"), ({"mode": "max"}, "'max'"), ({"merge_ratio": "half"}, "'half'"),
+    ({"ratio": 0.5}, "'ratio'. Did you mean 'merge_ratio'"),  # renamed: ratio is a kept fraction elsewhere
 ])
 def test_bad_parameters_are_config_errors_naming_the_value(params, bad):
     with pytest.raises(ConfigError, match=bad):
@@ -212,7 +213,7 @@ class Recorder(Strategy):
 
 
 def test_sequence_shrinks_at_layer_k_by_the_merged_count(tiny, pixels):
-    out = run_with(tiny, pixels, [InnerMerge(layer=K, ratio=0.5)])
+    out = run_with(tiny, pixels, [InnerMerge(layer=K, merge_ratio=0.5)])
     assert out.ledger.special_tokens == SPECIAL
     full = out.ledger.text_tokens + VISUAL + SPECIAL
     merged = VISUAL - 64  # round(128 * 0.5) = 64 kept; the newline is never merged
@@ -224,7 +225,7 @@ def test_sequence_shrinks_at_layer_k_by_the_merged_count(tiny, pixels):
 @pytest.mark.parametrize("mode", ["mean", "sequential"])
 def test_text_is_untouched_and_kept_visual_tokens_change(tiny, pixels, mode):
     before, after = Recorder(), Recorder()
-    run_with(tiny, pixels, [before, InnerMerge(layer=K, ratio=0.5, mode=mode), after], max_new_tokens=1)
+    run_with(tiny, pixels, [before, InnerMerge(layer=K, merge_ratio=0.5, mode=mode), after], max_new_tokens=1)
     (h0, p0, v0), (h1, p1, v1) = before.seen[0], after.seen[0]
     text = p0[0, ~v0]
     assert torch.equal(p1[0, ~v1], text)  # every text token, at its own position
@@ -240,7 +241,7 @@ def test_prefill_matches_a_manual_forward_over_the_merged_tokens(tiny, pixels, m
     from tests.conftest import ManualPrefill
 
     ratio = 0.5
-    out = run_with(tiny, pixels, [InnerMerge(layer=K, ratio=ratio, mode=mode)], max_new_tokens=1)
+    out = run_with(tiny, pixels, [InnerMerge(layer=K, merge_ratio=ratio, mode=mode)], max_new_tokens=1)
     with torch.no_grad():
         ref = ManualPrefill(tiny, pixels)
         scores = ref.run_to(K)
@@ -275,7 +276,7 @@ def test_modes_give_different_prefill_logits(tiny, pixels):
 
 def test_zero_ratio_run_equals_the_uncompressed_run(tiny, pixels):
     base = run_with(tiny, pixels, [])
-    zero = run_with(tiny, pixels, [InnerMerge(layer=K, ratio=0.0)])
+    zero = run_with(tiny, pixels, [InnerMerge(layer=K, merge_ratio=0.0)])
     assert zero.new_ids == base.new_ids
     assert torch.equal(zero.prefill_logits, base.prefill_logits)
     assert zero.ledger.llm_layers == base.ledger.llm_layers
@@ -291,10 +292,10 @@ def test_hooks_are_removed_after_a_run(tiny, pixels):
 
 
 @pytest.mark.parametrize("spec", [
-    [("holitom.inner_merge", {"layer": K, "ratio": 0.5})],
-    [("holitom.inner_merge", {"layer": 1, "ratio": 0.3, "mode": "sequential"})],
-    [("pooling", {"ratio": 0.25}), ("holitom.inner_merge", {"layer": 3, "ratio": 0.5})],  # 32 -> 16 kept
-    [("fastv", {"layer": 1, "ratio": 0.5}), ("holitom.inner_merge", {"layer": K, "ratio": 0.9})],
+    [("holitom.inner_merge", {"layer": K, "merge_ratio": 0.5})],
+    [("holitom.inner_merge", {"layer": 1, "merge_ratio": 0.3, "mode": "sequential"})],
+    [("pooling", {"ratio": 0.25}), ("holitom.inner_merge", {"layer": 3, "merge_ratio": 0.5})],  # 32 -> 16 kept
+    [("fastv", {"layer": 1, "ratio": 0.5}), ("holitom.inner_merge", {"layer": K, "merge_ratio": 0.9})],
 ], ids=["k2", "k1_sequential", "pooling+k3", "fastv+k2"])
 def test_planned_ledger_equals_the_recorded_one(plugins, tiny, pixels, spec):
     strategies = [InnerMerge.from_params(p) if n == InnerMerge.name else plugins.strategy(n).from_params(p)

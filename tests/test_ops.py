@@ -7,7 +7,14 @@ import torch
 from tokcomp.ops.attention import last_query_attention, received_attention
 from tokcomp.ops.frames import average_adjacent_pairs
 from tokcomp.ops.pooling import average_pool_grid, bilinear_halve, side_for_ratio
-from tokcomp.ops.selection import groups, keep_count, topk_indices, uniform_indices
+from tokcomp.ops.selection import (
+    groups,
+    keep_count,
+    top_per_group,
+    topk_indices,
+    topk_positions,
+    uniform_indices,
+)
 
 
 def test_received_attention_is_the_column_mean_of_softmax_probabilities():
@@ -35,6 +42,24 @@ def test_uniform_indices_are_evenly_spread_and_unique():
 
 def test_topk_indices_are_ascending_and_break_ties_by_position():
     assert topk_indices(torch.tensor([0.5, 0.9, 0.5, 0.1]), 2).tolist() == [0, 1]
+
+
+def test_topk_positions_are_per_row_and_ascending():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.8, 0.1, 0.2, 0.3]])
+    assert topk_positions(scores, 2).tolist() == [[1, 3], [0, 3]]
+
+
+def test_top_per_group_ranks_each_group_on_its_own_budget_like_topk_indices():
+    scores = torch.rand(23, generator=torch.Generator().manual_seed(0))
+    scores[[3, 4]] = float(scores[5])  # a tie inside a group
+    members = groups(torch.tensor([0] * 8 + [1] * 5 + [2] * 8 + [-1] * 2))
+
+    def budget(n):
+        return n // 2 + 1
+
+    expected = torch.sort(torch.cat([m[topk_indices(scores[m], budget(m.numel()))] for m in members])).values
+    assert torch.equal(top_per_group(scores, members, budget), expected)
+    assert top_per_group(scores, [], budget).numel() == 0
 
 
 def test_keep_count_rounds_and_keeps_at_least_one():

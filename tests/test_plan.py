@@ -15,7 +15,7 @@ CASES = [
     [("topk", {"ratio": 0.1})],
     [("fastv", {"layer": 2, "ratio": 0.5})],
     [("frame_avg", {"layer": 1})],
-    [("holitom.inner_merge", {"layer": 2, "ratio": 0.5})],
+    [("holitom.inner_merge", {"layer": 2, "merge_ratio": 0.5})],
     [("frame_avg", {"layer": 0}), ("pooling", {"ratio": 0.25}), ("uniform", {"ratio": 0.5}), ("fastv", {"layer": 1, "ratio": 0.3})],
 ]
 

@@ -225,7 +225,7 @@ def test_inner_hook_without_outer_groups_ranks_all_visual_tokens_together(groups
 def test_inner_acts_before_the_layer_after_the_scored_one():
     info = ModelInfo("m", 4, (8, 8), (4, 4), 28, 64)
     inner = Inner()
-    assert inner.llm_layers(info) == {11} and inner.text_attention_layers(info) == {10}
+    assert inner.llm_layers(info) == {11} and inner.statistics(info) == {"llm.text": {10}}
     inner.check(info)
     Inner(layer=26).check(info)
     with pytest.raises(ConfigError, match="layer=27"):

@@ -142,7 +142,7 @@ def test_square_side_only_for_perfect_squares():
 def test_default_is_tomes_readme_r_of_16_at_every_layer():
     tome = ToMe()
     assert tome.schedule(26) == [16] * 26
-    assert tome.encoder_mid_layers(TINY) == tome.encoder_key_layers(TINY) == {0, 1, 2, 3}
+    assert tome.encoder_mid_layers(TINY) == tome.statistics(TINY)["vision.keys"] == {0, 1, 2, 3}
     assert tome.encoder_layers(TINY) == set()
 
 

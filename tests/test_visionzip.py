@@ -14,13 +14,14 @@ from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.contextual import (
     contextual_merge,
-    dominant_positions,
     remaining_positions,
     split_budget,
     stride_targets,
     visionzip_select,
 )
+from tokcomp.ops.selection import topk_positions
 from tokcomp.plan import PlannedTokens, plan_ledger
+from tokcomp.stack import CompressionStack
 from tokcomp.state import VisualTokens
 from tokcomp.strategy import ModelInfo, Strategy
 
@@ -84,8 +85,8 @@ def test_tokens_per_frame_above_the_pooled_grid_is_a_config_error():
 
 def test_scores_and_keys_are_requested_from_the_last_vision_layer():
     strategy = VisionZip()
-    assert strategy.encoder_attention_layers(OV_7B) == {25}  # index 25 of 26 (LLaVA drops SigLIP's 27th)
-    assert strategy.encoder_key_layers(OV_7B) == {25}
+    stack = CompressionStack([strategy], OV_7B)  # index 25 of 26 (LLaVA drops SigLIP's 27th)
+    assert stack.statistics["vision.attention"] == stack.statistics["vision.keys"] == {25}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +94,8 @@ def test_scores_and_keys_are_requested_from_the_last_vision_layer():
 
 
 def test_dominant_positions_are_the_top_scores_in_spatial_order_ties_to_the_lower_position():
-    assert dominant_positions(torch.tensor([[0.1, 0.9, 0.5, 0.8, 0.2]]), 2).tolist() == [[1, 3]]
-    assert dominant_positions(torch.tensor([[0.5, 0.5, 0.5, 0.1]]), 2).tolist() == [[0, 1]]
+    assert topk_positions(torch.tensor([[0.1, 0.9, 0.5, 0.8, 0.2]]), 2).tolist() == [[1, 3]]
+    assert topk_positions(torch.tensor([[0.5, 0.5, 0.5, 0.1]]), 2).tolist() == [[0, 1]]
     assert remaining_positions(5, torch.tensor([[1, 3], [4, 0]])).tolist() == [[0, 2, 4], [1, 2, 3]]
 
 
@@ -207,11 +208,8 @@ class Probe(Strategy):
 
     name = "visionzip_probe"
 
-    def encoder_attention_layers(self, info):
-        return {info.vision_layers - 1}
-
-    def encoder_key_layers(self, info):
-        return {info.vision_layers - 1}
+    def statistics(self, info):
+        return {"vision.attention": {info.vision_layers - 1}, "vision.keys": {info.vision_layers - 1}}
 
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:

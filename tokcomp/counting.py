@@ -138,7 +138,7 @@ class PlanningStack(CompressionStack):
     def __init__(self, strategies: Sequence[Strategy], info: ModelInfo, nominal: bool = False):
         super().__init__(strategies, info)
         self.nominal = nominal
-        if self.text_attention_layers:
+        if self.statistics["llm.text"]:
             raise ScheduleUnknown("a strategy scores tokens by the text after the video: its schedule needs a finished run")
         self.decode_layers = set()  # a plan stops at the first token
 

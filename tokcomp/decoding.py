@@ -6,8 +6,8 @@ for one run and removed afterwards (no class is patched). Position ids may have 
 still alive at every layer, so that
 
 - prefill: hidden states, position ids, RoPE tensors and masks are sliced together when a strategy
-  keeps fewer tokens, and the attention statistics strategies asked for are computed beside the
-  layer (never by switching it to eager attention);
+  keeps fewer tokens, and the ``llm.*`` attention statistics strategies asked for
+  (``tokcomp.statistics``) are computed beside the layer (never by switching it to eager attention);
 - decode: each layer's mask matches its (possibly shorter) KV cache, and strategies that act on
   decode steps (``Strategy.decode_layers``) can restrict what later layers read for one step,
   through ``DecoderCache``'s read index (a gather; the cache keeps everything).
@@ -25,6 +25,7 @@ from tokcomp.ledger import TokenLedger
 from tokcomp.ops.attention import last_query_attention, text_query_attention
 from tokcomp.stack import CompressionStack
 from tokcomp.state import DecodeState, LLMState, StrategyContractError
+from tokcomp.statistics import STATISTICS
 
 
 class DecoderCache(DynamicCache):
@@ -50,8 +51,8 @@ class DecoderCache(DynamicCache):
 def attach_decoder_hooks(adapter: Any, stack: CompressionStack, cache: DecoderCache, visual_mask: Tensor,
                          visual_group: Tensor, positions: Tensor, ledger: TokenLedger) -> DecoderHooks | None:
     """Register the hooks on the adapter's decoder layers when a strategy needs them (else None)."""
-    needed = (stack.llm_layers, stack.attention_layers, stack.text_attention_layers, stack.decode_layers)
-    if not any(needed):
+    statistics = (layers for name, layers in stack.statistics.items() if STATISTICS[name].where == "llm")
+    if not (stack.llm_layers or stack.decode_layers or any(statistics)):
         return None
     hooks = DecoderHooks(adapter, stack, cache, visual_mask, visual_group, positions, ledger)
     hooks.handles = [layer.register_forward_pre_hook(hooks.hook_for(i), with_kwargs=True)
@@ -146,11 +147,11 @@ class DecoderHooks:
         return (hidden, *args[1:]), kwargs
 
     def _statistics(self, index: int, module, hidden: Tensor, position_embeddings) -> None:
-        if index in self.stack.attention_layers:
+        if index in self.stack.statistics["llm.last_token"]:
             with self.stack.clock.stage("token_processing"):
                 self.attention[index] = last_token_attention(self.adapter, module, hidden, position_embeddings)
             self.ledger.attention_stats.append({"where": "llm", "layer": index, "seq": hidden.shape[1]})
-        if index in self.stack.text_attention_layers:
+        if index in self.stack.statistics["llm.text"]:
             alive = self.alive if self.alive is not None else torch.arange(self.full_len, device=self.visual_mask.device)
             visual = torch.nonzero(self.visual_mask[alive], as_tuple=False).flatten()
             if visual.numel() == 0:

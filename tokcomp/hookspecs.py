@@ -50,32 +50,40 @@ def tokcomp_register_models(register: Any) -> None:
 def tokcomp_intra_encoder(state: EncoderState) -> None:
     """Intra-encoder hook point: called after vision-encoder layer ``state.layer`` (0-based).
 
-    ``state.position`` says where exactly: ``"layer"`` after the whole layer, ``"input"`` at
-    layer -1 (after the patch and position embeddings, before layer 0; ``Strategy.encoder_layers``
+    It is called only at the layers some active strategy asked for: ``state.position`` says where
+    exactly, ``"layer"`` after the whole layer (``Strategy.encoder_layers``), ``"input"`` at layer -1
+    (after the patch and position embeddings, before layer 0; ``Strategy.encoder_layers``
     containing -1), ``"attention"`` between the layer's attention and its MLP
-    (``Strategy.encoder_mid_layers``, ToMe). ``state.keys`` and ``state.saliency`` hold the layer's
-    head-averaged keys and per-frame mean-query attention when requested. Setting ``state.sizes``
-    (through ``replace``) turns on proportional attention (log size added to the logits) in later layers.
+    (``Strategy.encoder_mid_layers``, ToMe).
 
     Receives the hidden states of all frames, ``state.hidden`` of shape (frames, tokens, dim), the
-    layer index, the token grid, and ``state.attention`` (mean attention each token receives in
-    this layer, shape (frames, tokens)) when a strategy requested it for this layer. It is called
-    only for layers some active strategy asked for (``Strategy.encoder_layers``).
+    layer index and the token grid, plus this layer's attention statistics when some strategy asked
+    for them (``Strategy.statistics``, names from ``tokcomp.statistics``), else None:
+    ``state.attention`` (``vision.attention``: mean attention each token receives, (frames, tokens)),
+    ``state.keys`` (``vision.keys``: head-averaged keys, (frames, tokens, head_dim)) and
+    ``state.saliency`` (``vision.saliency``: per-frame mean-query attention, (frames, tokens)).
 
     May merge or drop frames (``state.replace(hidden, frame_sources=...)``) or tokens; later
-    layers then run on fewer rows and the ledger records it. Return value ignored.
+    layers then run on fewer rows and the ledger records it. Setting ``state.sizes`` (through
+    ``replace``) turns on proportional attention (log size added to the logits) in later layers.
+    Return value ignored.
     """
 
 
 @hookspec
 def tokcomp_pre_llm(state: VisualTokens) -> None:
-    """Pre-LLM hook point: called once, after projector, pooling and the newline token.
+    """Pre-LLM hook point: called once, after the projector and pooling, on the visual content tokens.
 
-    Receives ``state.features`` (N, D) in temporal order with their geometry: ``state.frame``
-    (source frame index, -1 for the newline token), ``state.row``/``state.col`` (pooled grid
-    position), ``state.is_newline``, and ``state.scores`` (importance per token, when a strategy
-    requested encoder attention). Selection goes through ``state.keep(indices)``; merging through
-    ``state.replace(features, ...)``. The spliced tokens get contiguous positions, as LLaVA does.
+    The model's special tokens (LLaVA's newline, Qwen's vision start/end) are the framework's: a
+    strategy never sees them, and they are kept and re-emitted around the video. Receives
+    ``state.features`` (N, D) in temporal order with their geometry: ``state.frame`` (the row, frame
+    or temporal patch, a token comes from), ``state.row``/``state.col`` (pooled grid position),
+    ``state.source`` (index in the uncompressed sequence), and the vision statistics of the highest
+    layer they were requested at, pooled like the features: ``state.scores`` (``vision.attention``),
+    ``state.keys`` (``vision.keys``), ``state.saliency`` (``vision.saliency``), else None.
+    Selection goes through ``state.keep(indices)``; merging through ``state.replace(features, ...)``.
+    Kept tokens get contiguous positions on LLaVA unless the strategy sets
+    ``state.original_positions``, and always their original (M-RoPE) positions on Qwen2.5-VL.
     Return value ignored.
     """
 
@@ -85,12 +93,14 @@ def tokcomp_inner_llm(state: LLMState) -> None:
     """Inner-LLM hook point: called during prefill, just before decoder layer ``state.layer`` runs.
 
     Receives the hidden states (1, L, D) entering that layer with ``state.position_ids``,
-    ``state.visual_mask`` (which sequence entries are visual tokens) and
-    ``state.last_token_attention`` (layer -> head-averaged attention row of the last query,
-    for the layers requested through ``Strategy.attention_layers``). ``state.keep(indices)``
-    drops visual tokens from this layer on: hidden states, position ids, RoPE tensors and masks
-    are sliced together, kept tokens keep their original positions, and later layers keep a
-    shorter KV cache so decoding continues. Never called on decode steps. Return value ignored.
+    ``state.visual_mask`` (which sequence entries are visual tokens) and the LLM statistics
+    requested through ``Strategy.statistics``, layer -> one value per entry:
+    ``state.last_token_attention`` (``llm.last_token``: head-averaged attention row of the last
+    query) and ``state.text_attention`` (``llm.text``: attention from the text after the video, max
+    over heads and queries). ``state.keep(indices)`` (or ``state.keep_visual``) drops visual tokens
+    from this layer on: hidden states, position ids, RoPE tensors and masks are sliced together,
+    kept tokens keep their original positions, and later layers keep a shorter KV cache so decoding
+    continues. Never called on decode steps. Return value ignored.
     """
 
 

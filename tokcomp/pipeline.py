@@ -23,9 +23,10 @@ from tokcomp.ledger import TokenLedger, VisionLayerEntry, vision_stat_record
 from tokcomp.ops.attention import head_mean, mean_query_saliency, received_attention
 from tokcomp.stack import CompressionStack
 from tokcomp.state import EncoderState, StrategyContractError, VisualTokens
+from tokcomp.statistics import VISION
 from tokcomp.timing import StageClock
 
-VISION_STATISTICS = ("attention", "keys", "saliency")
+VISION_STATISTICS = {stat.name: stat.field for stat in VISION}  # registry name -> EncoderState field (adapter key)
 
 
 @dataclass
@@ -47,7 +48,8 @@ def _log_sizes(sizes: Tensor | None) -> Tensor | None:
 def vision_statistics(adapter: ModelAdapter, index: int, state: EncoderState, names: set[str],
                       video: VideoInput) -> dict[str, Tensor]:
     """The requested statistics of one vision layer from its input (q/k recomputed, never eager attention),
-    each over the attention segments the layer uses (whole rows, or windows)."""
+    each over the attention segments the layer uses (whole rows, or windows). ``names`` and the keys of
+    the result are the statistics' EncoderState fields (``attention``, ``keys``, ``saliency``)."""
     qk = adapter.vision_qk(index, state.hidden, bool(names & {"attention", "saliency"}), video)
     bias = _log_sizes(state.sizes)
     out = {}
@@ -75,8 +77,7 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     ledger.embedded_tokens = state.hidden.shape[0] * state.hidden.shape[1]
     if -1 in stack.encoder_layers:
         stack.intra_encoder(state)
-    wanted = {"attention": stack.encoder_attention_layers, "keys": stack.encoder_key_layers,
-              "saliency": stack.encoder_saliency_layers}
+    wanted = {attr: stack.statistics[name] for name, attr in VISION_STATISTICS.items()}
     last_wanted = {name: max(layers, default=None) for name, layers in wanted.items()}
     kept: dict[str, Tensor] = {}
     for i in range(info.vision_layers):
@@ -89,10 +90,11 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
             with stack.clock.stage("token_processing"):
                 stats = vision_statistics(adapter, i, state, names, video)
             ledger.attention_stats.append(vision_stat_record(names, i, rows, tokens))
+        for attr in VISION_STATISTICS.values():  # this layer's statistics (None where not computed here)
+            setattr(state, attr, stats.get(attr))
         if i in stack.encoder_mid_layers:
             state.hidden = adapter.vision_attention_block(i, state.hidden, _log_sizes(state.sizes), video)
             state.layer, state.position = i, "attention"
-            state.attention, state.keys, state.saliency = (stats.get(n) for n in VISION_STATISTICS)
             stack.intra_encoder(state)
             entry.mlp_tokens_per_frame = state.hidden.shape[1]
             if state.hidden.shape[0] != entry.frames:
@@ -100,7 +102,6 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
             state.hidden = adapter.vision_mlp_block(i, state.hidden, video)
         else:
             state.hidden = adapter.vision_layer(i, state.hidden, _log_sizes(state.sizes), video)
-            state.attention, state.keys, state.saliency = (stats.get(n) for n in VISION_STATISTICS)
         state.layer, state.position = i, "layer"
         if i in stack.encoder_layers:
             stack.intra_encoder(state)

@@ -193,8 +193,10 @@ class ExperimentRunner:
                 f"max_new_tokens={g.max_new_tokens}, min_new_tokens={g.min_new_tokens}"
             )
         frames = load_frames(cfg.input)
-        if self.preset.describe is not None:  # capabilities and layer ranges from the config alone, before weights
-            self._check_strategies(self.preset.describe(cfg.model).info)
+        if self.preset.describe is not None:  # the config and the preset's geometry alone, before any weights
+            description = self.preset.describe(cfg.model)
+            geometry = description.video(*frames.shape[:3])  # e.g. too few frames for a temporal patch
+            self._check_strategies(description.info.for_video(geometry.grid, geometry.llm_grid))
         adapter = self.adapters.get(self.preset, cfg.model, log)
         video = adapter.preprocess(frames)
         self.info = adapter.info.for_video(video.grid, video.llm_grid)
@@ -210,7 +212,7 @@ class ExperimentRunner:
                     strategy.check_model(info)
                     strategy.check(info)
                 except ConfigError as exc:
-                    raise ConfigError(f"configurations.{conf_name}.strategies.{i}: {exc}") from exc
+                    raise ConfigError(f"configurations.{conf_name}.strategies.{i} on model {info.name!r}: {exc}") from exc
 
     def base_tags(self) -> dict[str, str]:
         cfg, adapter = self.cfg, self.adapter

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from tokcomp.plugins import new_plugin_manager
 from tokcomp.state import DecodeState, EncoderState, LLMState, VisualTokens
+from tokcomp.statistics import collect
 from tokcomp.strategy import ModelInfo, Strategy
 from tokcomp.timing import StageClock
 
@@ -19,19 +20,15 @@ class CompressionStack:
     def __init__(self, strategies: Sequence[Strategy], info: ModelInfo, trace: bool | None = None):
         self.strategies = list(strategies)
         self.info = info
+        # every registered statistic -> the layers some strategy needs it at (vision layers wrapped to 0..n-1)
+        self.statistics: dict[str, set[int]] = collect(((s.name, s.statistics(info)) for s in self.strategies), info)
         self.pm = new_plugin_manager(trace)
         for strategy in reversed(self.strategies):
             self.pm.register(strategy)
         self.encoder_layers: set[int] = set()  # -1: at the encoder input
         self.encoder_mid_layers: set[int] = set()
-        self.encoder_attention_layers: set[int] = set()
-        self.encoder_key_layers: set[int] = set()
-        self.encoder_saliency_layers: set[int] = set()
         self.llm_layers: set[int] = set()
-        self.attention_layers: set[int] = set()
-        self.text_attention_layers: set[int] = set()
         self.decode_layers: set[int] = set()
-        last = info.vision_layers
         for s in self.strategies:
             hooks = s.active_hooks()
             if "intra_encoder" in hooks:
@@ -41,11 +38,6 @@ class CompressionStack:
                 self.llm_layers |= s.llm_layers(info)
             if "inner_llm_decode" in hooks:
                 self.decode_layers |= s.decode_layers(info)
-            self.encoder_attention_layers |= {i % last for i in s.encoder_attention_layers(info)}
-            self.encoder_key_layers |= {i % last for i in s.encoder_key_layers(info)}
-            self.encoder_saliency_layers |= {i % last for i in s.encoder_saliency_layers(info)}
-            self.attention_layers |= s.attention_layers(info)
-            self.text_attention_layers |= s.text_attention_layers(info)
         self.has_pre_llm = any("pre_llm" in s.active_hooks() for s in self.strategies)
         self.clock = StageClock()  # replaced per run: strategy hooks count as "token_processing"
 

@@ -244,6 +244,11 @@ class LLMState:
         self.kept = idx if self.kept is None else self.kept[idx]
         self.prune_earlier_cache = self.prune_earlier_cache or prune_earlier_cache
 
+    def keep_visual(self, visual: Tensor, prune_earlier_cache: bool = False) -> None:
+        """``keep`` these visual entries (sequence indices) and every text entry."""
+        text = torch.nonzero(~self.visual_mask, as_tuple=False).flatten()
+        self.keep(torch.cat([text, visual.to(text.device)]), prune_earlier_cache)
+
     def set_hidden(self, hidden: Tensor) -> None:
         """Overwrite hidden-state values in place of the current ones (for merges); shape must match."""
         if hidden.shape != self.hidden.shape:

@@ -3,7 +3,9 @@
 A strategy is a dataclass. Its fields are its parameters (validated from YAML by their type
 hints); its ``tokcomp_*`` methods, marked with ``hookimpl``, are the hook points it implements;
 its ``encoder_layers``/``llm_layers`` say where it wants to be called, so the pipeline calls it
-only there; ``check`` validates parameters against the model (layer indices, sizes).
+only there; ``statistics`` names the attention statistics it needs and at which layers
+(``tokcomp.statistics``); ``check`` validates parameters against the model (layer indices, sizes).
+Score-plus-budget methods build on ``tokcomp.strategies._scorer``.
 """
 
 from __future__ import annotations
@@ -92,29 +94,16 @@ class Strategy:
         """Vision layers at which ``tokcomp_intra_encoder`` is called between attention and MLP (ToMe)."""
         return set()
 
-    def encoder_attention_layers(self, info: ModelInfo) -> set[int]:
-        """Vision layers whose received-attention statistic this strategy needs (-1: the last)."""
-        return set()
-
-    def encoder_key_layers(self, info: ModelInfo) -> set[int]:
-        """Vision layers whose head-averaged attention keys this strategy needs (-1: the last)."""
-        return set()
-
-    def encoder_saliency_layers(self, info: ModelInfo) -> set[int]:
-        """Vision layers whose per-frame mean-query attention this strategy needs (-1: the last)."""
-        return set()
-
     def llm_layers(self, info: ModelInfo) -> set[int]:
         """Decoder layers before which ``tokcomp_inner_llm`` must be called (prefill only)."""
         return set()
 
-    def attention_layers(self, info: ModelInfo) -> set[int]:
-        """Decoder layers whose last-token attention row this strategy needs."""
-        return set()
-
-    def text_attention_layers(self, info: ModelInfo) -> set[int]:
-        """Decoder layers whose attention from the text after the video (max over heads and queries) it needs."""
-        return set()
+    def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
+        """The attention statistics this strategy needs: name -> layers, e.g. ``{"vision.attention": {-1}}``
+        (names from ``tokcomp.statistics.STATISTICS``; a vision layer -1 is the last). Requested whichever
+        of its hooks are enabled; they arrive in the fields the registry names (``state.attention``,
+        ``VisualTokens.scores``, ``LLMState.last_token_attention[layer]``, ...)."""
+        return {}
 
     def decode_layers(self, info: ModelInfo) -> set[int]:
         """Decoder layers before which ``tokcomp_inner_llm_decode`` is called on every decode step."""
@@ -132,7 +121,8 @@ class Strategy:
         raise NotImplementedError
 
     def plan_pre_llm(self, info: ModelInfo, tokens: Any) -> None:
-        """Update a ``tokcomp.plan.PlannedTokens`` (per-frame counts, newline count, grid) in place."""
+        """Update a ``tokcomp.plan.PlannedTokens`` (``per_frame`` counts, ``grid``) in place; the special
+        tokens are the framework's and not counted there."""
         raise NotImplementedError
 
     def plan_inner_llm(self, info: ModelInfo, layer: int, visual: int) -> int:

@@ -4,7 +4,8 @@ Everything works on a batch of frames that share one token count: ``hidden`` (fr
 ``scores`` (frames, n) and ``keys`` (frames, n, d). Positions are indices within a frame.
 
 - :func:`split_budget`: S tokens per frame = ``S * 54 // 64`` dominant + the rest contextual.
-- :func:`dominant_positions`: each frame's top scores, ascending (spatial order).
+- ``tokcomp.ops.selection.topk_positions``: each frame's dominant tokens, its top scores, ascending
+  (spatial order); the same per-frame top-k as the score-based strategies'.
 - :func:`remaining_positions`: the complement of the dominant positions, ascending.
 - :func:`stride_targets`: the contextual targets among ``m`` remaining tokens: positions
   0, step, 2*step, ... with ``step = max(1, m // c)``, the first ``c`` of them.
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tokcomp.ops.selection import topk_positions
+
 DOMINANT_SHARE = (54, 64)  # VisionZip's README split 54 + 10 of 64 tokens, kept by the LLaVA-OV port
 
 
@@ -32,12 +35,6 @@ def split_budget(tokens: int) -> tuple[int, int]:
         raise ValueError(f"tokens={tokens!r} must be >= 0")
     dominant = tokens * DOMINANT_SHARE[0] // DOMINANT_SHARE[1]
     return dominant, tokens - dominant
-
-
-def dominant_positions(scores: Tensor, k: int) -> Tensor:
-    """(frames, k): each row's ``k`` highest scores (ties: lower position first), ascending."""
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.sort(order, dim=-1).values
 
 
 def remaining_positions(n: int, taken: Tensor) -> Tensor:
@@ -99,7 +96,7 @@ def visionzip_select(hidden: Tensor, scores: Tensor, keys: Tensor, dominant: int
     frames, n, _ = hidden.shape
     if dominant < 0 or contextual < 0 or dominant + contextual > n:
         raise ValueError(f"cannot keep {dominant} dominant + {contextual} contextual of {n} tokens")
-    top = dominant_positions(scores, dominant).to(hidden.device)
+    top = topk_positions(scores, dominant).to(hidden.device)
     rest = remaining_positions(n, top)
     targets = stride_targets(n - dominant, contextual)
     gather = rest[:, :, None].expand(-1, -1, hidden.shape[-1])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokcomp.ops.cluster import cluster_means, dpc_knn_cluster
-from tokcomp.ops.selection import ceil_ratio, topk_indices
+from tokcomp.ops.selection import ceil_ratio, top_per_group
 
 UNASSIGNED = -1
 
@@ -196,13 +196,11 @@ def group_topk(scores: Tensor, labels: Tensor, alpha: float) -> Tensor:
 
     ``labels`` (V,): a group label per token, -1 for none. If no token has a label >= 0, all
     tokens form one group. Otherwise every label >= 0 is a group and unlabelled tokens are all
-    kept (the newline token). Ties go to the lower position.
+    kept. Ties go to the lower position.
     """
     labels = labels.to(scores.device).long()
     if not bool((labels >= 0).any()):
-        return topk_indices(scores, ceil_ratio(scores.numel(), alpha)) if scores.numel() else labels[:0]
-    kept = [torch.nonzero(labels < 0, as_tuple=False).flatten()]
-    for label in torch.unique(labels[labels >= 0]).tolist():
-        members = torch.nonzero(labels == label, as_tuple=False).flatten()
-        kept.append(members[topk_indices(scores[members], ceil_ratio(members.numel(), alpha)).to(members.device)])
-    return torch.sort(torch.cat(kept)).values
+        labels = torch.zeros_like(labels)
+    members = [torch.nonzero(labels == label, as_tuple=False).flatten() for label in torch.unique(labels[labels >= 0]).tolist()]
+    kept = top_per_group(scores, members, lambda n: ceil_ratio(n, alpha))
+    return torch.sort(torch.cat([torch.nonzero(labels < 0, as_tuple=False).flatten(), kept])).values

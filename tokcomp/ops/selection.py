@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,11 +25,16 @@ def random_indices(n: int, k: int, generator: torch.Generator) -> Tensor:
     return torch.sort(torch.randperm(n, generator=generator)[:k]).values
 
 
+def topk_positions(scores: Tensor, k: int) -> Tensor:
+    """(rows, k): each row's ``k`` highest scores of ``scores`` (rows, n) (ties: lower position first),
+    returned in ascending position."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=-1).values
+
+
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices of the ``k`` largest scores, returned ascending (ties: lower index first)."""
-    k = min(k, scores.numel())
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+    return topk_positions(scores.reshape(1, -1), min(k, scores.numel()))[0]
 
 
 def groups(labels: Tensor) -> list[Tensor]:
@@ -41,3 +47,22 @@ def groups(labels: Tensor) -> list[Tensor]:
 
 def ceil_ratio(n: int, ratio: float) -> int:
     return max(1, min(n, math.ceil(n * ratio)))
+
+
+def equal_size_batches(members: list[Tensor]) -> dict[int, list[int]]:
+    """Group sizes -> which groups have that many members, so groups of one size run as one batch."""
+    batches: dict[int, list[int]] = {}
+    for i, m in enumerate(members):
+        batches.setdefault(m.numel(), []).append(i)
+    return batches
+
+
+def top_per_group(scores: Tensor, members: list[Tensor], budget: Callable[[int], int]) -> Tensor:
+    """Indices of each group's ``budget(n)`` highest scores (ties: lower index first) over all groups,
+    ascending. ``members`` are index vectors into ``scores`` (N,), e.g. ``groups(frame)``; groups of
+    one size are ranked as one (groups, n) batch."""
+    kept = []
+    for n, which in equal_size_batches(members).items():
+        idx = torch.stack([members[i] for i in which]).to(scores.device)  # (groups, n)
+        kept.append(torch.gather(idx, 1, topk_positions(scores[idx], budget(n))).flatten())
+    return torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long, device=scores.device)

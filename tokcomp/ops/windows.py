@@ -1,4 +1,5 @@
-"""Per-frame token selection for EarlyTom's decoupled stage 2: counts, top-k, window argmax, random.
+"""Per-frame token selection for EarlyTom's decoupled stage 2: counts, window argmax, random (its
+per-frame top-k is ``tokcomp.ops.selection.topk_positions``).
 
 Everything works on score matrices (frames, tokens) whose rows share one token layout, and returns
 *positions* within a frame, ascending (spatial order), as a (frames, k) tensor.
@@ -29,12 +30,6 @@ def topk_count(tokens: int, r_hat: float) -> int:
 def window_count(tokens: int, r_hat: float) -> int:
     """Windows (hence tokens) of a static frame: max(1, round(L * r_hat)) (Python rounding, half to even)."""
     return max(1, min(tokens, round(tokens * r_hat)))
-
-
-def topk_positions(scores: Tensor, k: int) -> Tensor:
-    """Each row's ``k`` highest scores (ties: lower position first), returned in ascending position."""
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.sort(order, dim=-1).values
 
 
 def random_positions(frames: int, tokens: int, k: int, generator: torch.Generator) -> Tensor:
