@@ -194,8 +194,9 @@ class LlavaOnevisionAdapter(TransformersAdapter):
         return sum(len(self.tokenizer(part, add_special_tokens=False).input_ids) for part in (before, after))
 
     # ---- inputs ----------------------------------------------------------------------------
-    def preprocess(self, frames: Tensor) -> VideoInput:
-        """uint8 (T, H, W, 3) -> (T, 3, S, S): bicubic antialiased resize, [0, 1], mean/std 0.5 (SigLIP)."""
+    def preprocess(self, frames: Tensor, fps: float | None = None) -> VideoInput:
+        """uint8 (T, H, W, 3) -> (T, 3, S, S): bicubic antialiased resize, [0, 1], mean/std 0.5 (SigLIP).
+        ``fps`` is unused: LLaVA's 1-D positions carry no time."""
         size = self.config.vision_config.image_size
         x = frames.permute(0, 3, 1, 2).float() / 255.0
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)

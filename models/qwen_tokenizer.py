@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLConfig
 
 from tokcomp.errors import ConfigError
@@ -39,20 +39,7 @@ CONFIG_TOKEN_IDS = {
 
 def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE without merges plus Qwen's special tokens; deterministic ids, no files."""
-    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {symbol: i for i, symbol in enumerate(symbols)}
-    vocab.update({token: len(symbols) + i for i, token in enumerate(SPECIAL_TOKENS)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
-    )
+    return build_byte_tokenizer(SPECIAL_TOKENS)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

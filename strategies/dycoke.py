@@ -54,7 +54,7 @@ from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.dycoke import attention_changed, kv_keep_indices, ttm_counts, ttm_select
 from tokcomp.ops.selection import groups
 from tokcomp.state import DecodeState, VisualTokens
-from tokcomp.strategy import ModelInfo, Strategy, check_layer
+from tokcomp.strategy import ModelInfo, Strategy, check_layer, depth_layer
 
 
 @dataclass
@@ -108,7 +108,7 @@ class TemporalTokenMerging(Strategy):
 class KVPruning(Strategy):
     name = "dycoke.kv_pruning"
     summary = "DyCoke decoding: read only the top visual KV entries by attention when the attention moved"
-    layer: int = 3  # dycoke_l: prune before decoder layer L, scored by layer L-1 (official default)
+    layer: int | float = 3  # dycoke_l: prune before decoder layer L (or a fraction of the depth), scored by L-1
     p: float = 0.7  # dycoke_p, fraction of visual entries PRUNED: README value (code default 0.8)
     threshold: float = 0.9  # re-prune when cos(attention, previous step's) < threshold (hard-coded officially)
     stable_reuses_selection: bool = False  # official: a stable step reads the full cache; True: the paper
@@ -124,7 +124,7 @@ class KVPruning(Strategy):
         check_layer(self.name, "layer", self.layer, info.llm_layers, "LLM", minimum=1)
 
     def decode_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer}
+        return {depth_layer(self.layer, info.llm_layers)}
 
     def start(self, seed: int) -> None:
         self._previous: Tensor | None = None  # last step's attention over the visual entries

@@ -21,7 +21,7 @@ from tokcomp.strategy import check_ratio
 class FastV(LayerScorer):
     name = "fastv"
     summary = "drop visual tokens at LLM layer K by layer K-1's last-token attention"
-    layer: int = 2
+    layer: int | float = 2  # K: a decoder layer, or a fraction of the depth
     ratio: float = 0.5
 
     def __post_init__(self) -> None:

@@ -115,7 +115,7 @@ MERGES = {"mean": merge_mean, "sequential": merge_sequential}
 class InnerMerge(LayerScorer):
     name = "holitom.inner_merge"
     summary = "merge visual tokens at LLM layer K into the top ones by layer K-1's last-token attention"
-    layer: int = 18
+    layer: int | float = 18  # HOLITOM_k: a decoder layer, or a fraction of the depth
     merge_ratio: float = 0.5  # fraction of visual tokens merged away (HoliTom's HOLITOM_r), in [0, 1)
     mode: Literal["mean", "sequential"] = "mean"
 

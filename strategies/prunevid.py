@@ -84,7 +84,7 @@ from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.prunevid import group_topk, merge_frames_dynamic
 from tokcomp.state import LLMState, VisualTokens
-from tokcomp.strategy import ModelInfo, Strategy, check_ratio
+from tokcomp.strategy import ModelInfo, Strategy, check_ratio, depth_layer
 
 SEGMENTS = "prunevid.segments"
 
@@ -131,29 +131,29 @@ class Outer(Strategy):
 class Inner(Strategy):
     name = "prunevid.inner"
     summary = "PruneVid stage 2: after LLM layer `layer`, keep top alpha per group by text attention"
-    layer: int = 10  # official selected_layer: prune after this decoder layer
+    layer: int | float = 10  # official selected_layer: prune after this decoder layer (or a fraction of the depth)
     alpha: float = 0.4  # official: fraction of each group kept
 
     def __post_init__(self) -> None:
         check_ratio(self.name, "alpha", self.alpha)
 
     def check(self, info: ModelInfo) -> None:
-        if not 0 <= self.layer < info.llm_layers - 1:
+        if not 0 <= depth_layer(self.layer, info.llm_layers) < info.llm_layers - 1:
             raise ConfigError(f"strategy {self.name!r}: layer={self.layer} must be in 0..{info.llm_layers - 2} "
                               f"(a decoder layer with a next layer; the model has {info.llm_layers})")
 
     def llm_layers(self, info: ModelInfo) -> set[int]:
-        return {self.layer + 1}
+        return {depth_layer(self.layer, info.llm_layers) + 1}
 
     def statistics(self, info: ModelInfo) -> dict[str, set[int]]:
-        return {"llm.text": {self.layer}}
+        return {"llm.text": {depth_layer(self.layer, info.llm_layers)}}
 
     @hookimpl
     def tokcomp_inner_llm(self, state: LLMState) -> None:
         visual = state.visual_indices()
         if visual.numel() == 0:
             return
-        scores = state.text_attention[self.layer].to(visual.device)[visual]
+        scores = state.text_attention[state.layer - 1].to(visual.device)[visual]
         if state.visual_group is None:
             labels = torch.full_like(visual, -1)
         else:

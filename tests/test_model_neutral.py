@@ -125,3 +125,52 @@ def test_pyramiddrop_defaults_fit_every_preset(plugins):
         info = plugins.model(name).describe(model_spec()).info
         strategy.check(info)
         assert len(strategy.llm_layers(info)) == 3, name
+
+
+@dataclass
+class Backwards(Strategy):
+    """Keeps every token in reverse order and asks for original positions."""
+
+    name = "test.backwards"
+
+    @hookimpl
+    def tokcomp_pre_llm(self, state):
+        state.keep(torch.arange(state.num_tokens - 1, -1, -1))
+        state.original_positions = True
+
+
+def test_original_positions_running_backwards_on_a_1d_rope_model_are_refused(tiny, pixels):
+    from tokcomp.state import StrategyContractError
+
+    with pytest.raises(StrategyContractError, match="ascending source order"):
+        run_with(tiny, pixels, [Backwards()])
+
+
+def test_any_token_order_keeps_its_m_rope_positions_on_qwen(qwen, qwen_video):
+    assert len(run_with(qwen, qwen_video, [Backwards()], max_new_tokens=2).new_ids) == 2
+
+
+def test_a_video_files_sampling_rate_spaces_qwens_time_positions(tmp_path, frames):
+    from tokcomp.video import sampled_fps, write_video
+
+    clip = frames.repeat(6, 1, 1, 1)  # 48 frames at 24 fps: two seconds
+    write_video(tmp_path / "clip.mp4", clip, fps=24)
+    fps = sampled_fps(tmp_path / "clip.mp4", 8)
+    assert fps == pytest.approx(4.0, rel=0.05)
+    text = (f"name: t\nmodel: {{preset: qwen2.5-vl-tiny}}\ninput: {{frames: 8, video: {tmp_path / 'clip.mp4'}}}\n"
+            "tracking: {enabled: false}\ntiming: {warmup: 0}\nconfigurations: {}\n")
+    (tmp_path / "e.yaml").write_text(text)
+    runner = ExperimentRunner(load_experiment(tmp_path / "e.yaml"))
+    runner.prepare(log=lambda _: None)
+    assert float(runner.video.extra["second_per_grid_ts"][0]) == pytest.approx(2 / fps)
+
+
+@pytest.mark.parametrize("name, fraction, layer", [
+    ("fastv", 0.5, 2), ("holitom.inner_merge", 0.75, 3), ("prunevid.inner", 0.25, 1), ("dycoke.kv_pruning", 0.5, 2),
+])
+def test_llm_layers_given_as_a_fraction_of_depth_act_where_the_index_would(plugins, tiny, pixels, name, fraction,
+                                                                           layer):
+    as_fraction = run_with(tiny, pixels, [plugins.strategy(name).from_params({"layer": fraction})])
+    as_index = run_with(tiny, pixels, [plugins.strategy(name).from_params({"layer": layer})])
+    assert as_fraction.ledger.to_dict() == as_index.ledger.to_dict()
+    assert as_fraction.new_ids == as_index.new_ids

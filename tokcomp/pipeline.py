@@ -157,6 +157,10 @@ def splice(adapter: ModelAdapter, video: VideoInput, prompt: str, tokens: Visual
     if s:
         embeds[0, start + n : start + n + s] = specials.to(embeds.dtype)
     length = ids.shape[1]
+    if tokens.original_positions and adapter.contiguous_positions and n > 1 and bool(
+            (tokens.source[1:] <= tokens.source[:-1]).any()):
+        raise StrategyContractError("pre-LLM: original_positions on a 1-D RoPE model needs the tokens in "
+                                    "ascending source order (positions would run backwards)")
     if tokens.original_positions or not adapter.contiguous_positions:
         positions = adapter.full_positions(layout, video)[:, index]
     else:

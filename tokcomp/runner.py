@@ -32,7 +32,7 @@ from tokcomp.strategy import Strategy
 from tokcomp.tables import render_table
 from tokcomp.timing import PeakMemory
 from tokcomp.tracking import NullTracker, Tracker, machine_tags, resolve_tracking_uri
-from tokcomp.video import load_frames
+from tokcomp.video import load_frames, sampled_fps
 
 BASELINE = "uncompressed"
 
@@ -198,7 +198,7 @@ class ExperimentRunner:
             geometry = description.video(*frames.shape[:3])  # e.g. too few frames for a temporal patch
             self._check_strategies(description.info.for_video(geometry.grid, geometry.llm_grid))
         adapter = self.adapters.get(self.preset, cfg.model, log)
-        video = adapter.preprocess(frames)
+        video = adapter.preprocess(frames, fps=sampled_fps(cfg.input.video, cfg.input.frames) if cfg.input.video else None)
         self.info = adapter.info.for_video(video.grid, video.llm_grid)
         self._check_strategies(self.info)
         self.adapter, self.video = adapter, video
@@ -216,7 +216,8 @@ class ExperimentRunner:
 
     def base_tags(self) -> dict[str, str]:
         cfg, adapter = self.cfg, self.adapter
-        tags = {**machine_tags(str(adapter.device)), "model.preset": cfg.model.preset, "model.dtype": cfg.model.dtype,
+        tags = {**machine_tags(str(adapter.device)), "model.preset": cfg.model.preset, "model.family": adapter.family,
+                "model.dtype": cfg.model.dtype,
                 "model.attn_implementation": adapter.attn_implementation}
         if self.experiment_file:
             tags["tokcomp.experiment_file"] = str(self.experiment_file)

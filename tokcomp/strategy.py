@@ -164,6 +164,12 @@ class Strategy:
                 raise UnknownNameError(f"parameter of strategy {cls.name!r}", key, fields)
         hints = typing.get_type_hints(cls)
         values = {key: _coerce(cls.name, key, value, hints[key]) for key, value in params.items()}
+        for key in ("layer", "layers"):  # layer parameters: an index, or a fraction of the depth in (0, 1)
+            given = values.get(key)
+            for value in given if isinstance(given, list | tuple) else [given]:
+                if isinstance(value, float) and not 0.0 < value < 1.0:
+                    raise ConfigError(f"strategy {cls.name!r} parameter {key!r}: {value!r} is neither a layer index "
+                                      "(int) nor a fraction of the depth in (0, 1)")
         try:
             return cls(**values)
         except (ValueError, TypeError) as exc:

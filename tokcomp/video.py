@@ -98,6 +98,25 @@ def video_size(path: str | Path) -> tuple[int, int]:
         raise InputError(f"video file {str(path)!r} cannot be read: {exc}") from exc
 
 
+def sampled_fps(path: str | Path, frames: int) -> float | None:
+    """Frames per second of ``frames`` frames sampled uniformly over the file's duration (M-RoPE models
+    space time by it); None when the container does not say how long the video is."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                seconds = container.duration / av.time_base
+            else:
+                return None
+    except Exception as exc:  # PyAV raises many error types for corrupt input
+        raise InputError(f"video file {str(path)!r} cannot be read: {exc}") from exc
+    return frames / seconds if seconds > 0 else None
+
+
 def load_frames(input_cfg) -> Tensor:
     """Frames for an experiment's ``input`` section: the video file if given, else the generated clip."""
     if input_cfg.video:
