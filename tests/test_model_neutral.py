@@ -174,3 +174,25 @@ def test_llm_layers_given_as_a_fraction_of_depth_act_where_the_index_would(plugi
     as_index = run_with(tiny, pixels, [plugins.strategy(name).from_params({"layer": layer})])
     assert as_fraction.ledger.to_dict() == as_index.ledger.to_dict()
     assert as_fraction.new_ids == as_index.new_ids
+
+
+class SpatialOnly:
+    """The same adapter without its own-order fast path: every vision layer permutes in and out."""
+
+    vision_layer_in_order = None
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+
+@pytest.mark.parametrize("strategies", [[], [("topk", {"ratio": 0.5, "layer": 1})], [("visionzip", {"ratio": 0.5})]])
+def test_keeping_qwens_window_order_between_blocks_changes_nothing(plugins, qwen, qwen_video, strategies):
+    def run(adapter):
+        return run_with(adapter, qwen_video, [plugins.strategy(n).from_params(p) for n, p in strategies])
+
+    fast, spatial = run(qwen), run(SpatialOnly(qwen))
+    assert fast.new_ids == spatial.new_ids and fast.ledger.to_dict() == spatial.ledger.to_dict()
+    assert torch.equal(fast.prefill_logits, spatial.prefill_logits)

@@ -80,11 +80,17 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     wanted = {attr: stack.statistics[name] for name, attr in VISION_STATISTICS.items()}
     last_wanted = {name: max(layers, default=None) for name, layers in wanted.items()}
     kept: dict[str, Tensor] = {}
+    # Adapters whose layers run in their own token order (Qwen's windows) keep the states in it
+    # between layers that no hook or statistic looks at; ``state.hidden`` is spatial whenever seen.
+    in_order = getattr(adapter, "vision_layer_in_order", None)
+    flat: Tensor | None = None
     for i in range(info.vision_layers):
         rows, tokens = state.hidden.shape[:2]
         entry = VisionLayerEntry(rows, tokens, attention_pairs=adapter.vision_attention_pairs(i, rows, tokens, video))
         ledger.vision_layers.append(entry)
         names = {name for name, layers in wanted.items() if i in layers}
+        if flat is not None and (names or i in stack.encoder_mid_layers):
+            state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video), None
         stats: dict[str, Tensor] = {}
         if names:
             with stack.clock.stage("token_processing"):
@@ -100,6 +106,10 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
             if state.hidden.shape[0] != entry.frames:
                 raise StrategyContractError(f"vision layer {i}: frames cannot change between attention and MLP")
             state.hidden = adapter.vision_mlp_block(i, state.hidden, video)
+        elif in_order is not None and state.sizes is None and (rows, tokens) == (video.rows, video.grid[0] * video.grid[1]):
+            flat = in_order(i, adapter.to_layer_order(state.hidden, video) if flat is None else flat, video)
+            if i in stack.encoder_layers or i == info.vision_layers - 1:
+                state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video), None
         else:
             state.hidden = adapter.vision_layer(i, state.hidden, _log_sizes(state.sizes), video)
         state.layer, state.position = i, "layer"
