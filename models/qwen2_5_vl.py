@@ -38,8 +38,12 @@ CAPABILITIES: frozenset[str] = frozenset()  # no intra-encoder hook: the blocks 
 
 
 def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
-    """Per-frame (min_pixels, max_pixels): the preset's, capped at image_size**2 when given."""
-    return qvid.pixel_bounds(PIXEL_BOUNDS.get(preset, (qvid.MIN_PIXELS, qvid.MAX_PIXELS)), spec.image_size)
+    """Per-frame (min_pixels, max_pixels): a checkpoint's own video processor settings when it has them,
+    else the preset's; capped at image_size**2 when given."""
+    source = _checkpoint(spec, preset)
+    bounds = (qvid.checkpoint_pixel_bounds(source) if source else None) or PIXEL_BOUNDS.get(
+        preset, (qvid.MIN_PIXELS, qvid.MAX_PIXELS))
+    return qvid.pixel_bounds(bounds, spec.image_size)
 
 
 def _checkpoint(spec: Any, preset: str) -> str | None:

@@ -19,8 +19,10 @@ is the per-frame range the EarlyTom evaluation script uses (48 to 256 LLM tokens
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,6 +114,28 @@ class VideoGeometry:
                  "second_per_grid_ts": torch.tensor([self.seconds_per_row], device=device)}
         return VideoInput(pixels, frames=self.frames, rows=self.rows, grid=self.grid, llm_grid=self.llm_grid,
                           extra=extra, row_frames=self.row_frames)
+
+
+def checkpoint_pixel_bounds(source: str) -> tuple[int, int] | None:
+    """(min_pixels, max_pixels) from a checkpoint's video (or image) processor config: a local folder's
+    file, or the hub's when reachable; None when it has none (the preset's bounds apply)."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = Path(source) / name
+        if not path.is_file() and not Path(source).is_dir():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(source, name))
+            except Exception:  # no network, no such file, gated: the preset's bounds apply
+                continue
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        size = data.get("size") or {}
+        low, high = data.get("min_pixels") or size.get("shortest_edge"), data.get("max_pixels") or size.get("longest_edge")
+        if low and high:
+            return int(low), int(high)
+    return None
 
 
 def pixel_bounds(bounds: tuple[int, int], image_size: int | None) -> tuple[int, int]:

@@ -372,6 +372,16 @@ def test_weights_load_from_a_saved_checkpoint(adapter, video, plugins, tmp_path)
         assert adapter_generate(loaded, video, PROMPT, 3)[1] == adapter_generate(adapter, video, PROMPT, 3)[1]
 
 
+def test_a_checkpoints_own_video_processor_bounds_set_the_frame_size(adapter, plugins, tmp_path):
+    adapter.model.save_pretrained(tmp_path)
+    adapter.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 56 * 56, "longest_edge": 84 * 84}}))
+    loaded = plugins.model(TINY).build(model_spec(weights=str(tmp_path)))
+    assert (loaded.min_pixels, loaded.max_pixels) == (56 * 56, 84 * 84)
+    assert loaded.preprocess(clip(2, 112, 112)).grid == (6, 6)  # 112x112 capped to 84x84 px
+
+
 def test_three_b_sizes_reproduce_the_stock_vision_tower_and_logits():
     """Qwen2.5-VL-3B's config (real vocab), depth cut to 2 vision blocks (block 1 full attention) and
     2 decoder layers; 4 frames of 112x112 px -> 196x196 px: 2 rows of 14x14 patches, 4 windows each."""
