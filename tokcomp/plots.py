@@ -35,7 +35,9 @@ COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#00
 LINESTYLES = ("-", "--", "-.", ":")
 # Label positions around a point (points), tried in order.
 LABEL_OFFSETS = ((6, 4), (6, -4), (-6, 4), (-6, -4), (8, 0), (-8, 0), (6, 14), (6, -14), (-6, 14), (-6, -14),
-                 (6, 24), (6, -24), (-6, 24), (-6, -24))
+                 (6, 24), (6, -24), (-6, 24), (-6, -24), (0, 34), (0, -34), (20, 34), (-20, 34), (20, -34),
+                 (-20, -34), (0, 46), (0, -46), (24, 46), (-24, 46), (24, -46), (-24, -46))
+NUMBERED_ABOVE = 8  # more configurations than this: points carry numbers, a key lists the names
 COST_AXES = (
     ("flops.paper.total_T", "FLOPs, paper protocol: vision + LLM prefill (T)"),
     ("ttft.total_ms", "time to first token (ms)"),
@@ -161,10 +163,17 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
     fig, axes = _figure(13, 5.6, ncols=2)
     points = sorted({r.point for r in usable}, key=[r.point for r in usable].index)
     colors = {point: COLORS[i % len(COLORS)] for i, point in enumerate(points)}
+    # Many configurations crowd their names into each other: then points carry short numbers and a
+    # key beside the plots gives the names (the baseline keeps its name).
+    numbered = sum(not r.is_baseline for r in usable) > NUMBERED_ABOVE
+    names = {id(r): r.configuration for r in usable}
+    if numbered:
+        others = [r for r in usable if not r.is_baseline]
+        names.update({id(r): str(i) for i, r in enumerate(others, 1)})
     for ax, (key, cost_label) in zip(axes, COST_AXES, strict=True):
         for point in points:
             group = [r for r in usable if r.point == point and r.metrics.get(key) is not None]
-            _scatter_point(ax, group, key, fidelity, colors[point])
+            _scatter_point(ax, group, key, fidelity, colors[point], names)
         ax.set_xlabel(f"{cost_label}  \u2190 lower is better")
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.3g}"))  # tiny models have tiny FLOPs
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
@@ -175,21 +184,32 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
     axes[1].set_title("latency")
     handles = _pareto_key(colors)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9)
+    if numbered:
+        key = [f"{names[id(r)]:>3}  {r.label}" for r in usable if not r.is_baseline]
+        rows_per_column = (len(key) + 1) // 2 if len(key) > 24 else len(key)
+        columns = ["\n".join(key[i:i + rows_per_column]) for i in range(0, len(key), rows_per_column)]
+        for c, text in enumerate(columns):
+            fig.text(1.0 + 0.17 * c, 0.5, text, fontsize=8, family="monospace", va="center", ha="left",
+                     transform=fig.transFigure)
     fig.suptitle(title if len(points) == 1 else f"{title} (one colour and one Pareto front per sweep point)")
     _declutter_labels(fig, axes)
     _save(fig, path, [r for r in rows if r not in usable])
 
 
 def _scatter_point(ax: Axes, group: list[Row], key: str, fidelity: Callable[[Row], float | None],
-                   color: str) -> None:
-    """One sweep point's configurations, its baseline as a star, its Pareto front as a step line."""
+                   color: str, names: dict[int, str]) -> None:
+    """One sweep point's configurations (labelled ``names[id(row)]``), its baseline as a star, its
+    Pareto front as a step line."""
     if not group:
         return
     xy = [(r.metrics[key], fidelity(r)) for r in group]
+    together: dict[tuple[float, float], list[str]] = {}  # configurations on the same spot share one label
     for (x, y), row in zip(xy, group, strict=True):
         marker = dict(s=220, marker="*", edgecolor="black", zorder=4) if row.is_baseline else dict(s=36, zorder=3)
         ax.scatter([x], [y], color=color, **marker)
-        ax.annotate(row.configuration, (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=8,
+        together.setdefault((x, y), []).append(names[id(row)])
+    for (x, y), labels in together.items():
+        ax.annotate(", ".join(labels), (x, y), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=8,
                     arrowprops=dict(arrowstyle="-", color="#888888", lw=0.6, shrinkA=0, shrinkB=4))
     front = pareto_front(xy)
     ax.step(*zip(*front, strict=True), where="post", color=color, lw=1.2, ls="--", alpha=0.8, zorder=2)
@@ -221,15 +241,42 @@ def _declutter_labels(fig: Figure, axes: list[Axes]) -> None:
     fig.canvas.draw()  # lays the figure out, so extents are final
     renderer = fig.canvas.get_renderer()
     for ax in axes:
+        _merge_close_labels(ax)
         frame, placed = ax.get_window_extent(renderer), _marker_boxes(ax)
         for text in ax.texts:
-            for offset in (*LABEL_OFFSETS, LABEL_OFFSETS[0]):  # nothing fits: back to the default spot
+            best: tuple[float, tuple[int, int]] | None = None
+            for offset in LABEL_OFFSETS:
                 _offset_label(text, offset)
                 box = text.get_window_extent(renderer).padded(1)
-                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-                if inside and not any(box.overlaps(other) for other in placed):
+                clash = sum(_overlap(box, other) for other in placed) + (0 if _inside(box, frame) else 1e6)
+                if best is None or clash < best[0]:
+                    best = (clash, offset)
+                if clash == 0:
                     break
-            placed.append(box)
+            _offset_label(text, best[1])  # nothing free: the spot that overlaps least
+            placed.append(text.get_window_extent(renderer).padded(1))
+
+
+def _inside(box: Bbox, frame: Bbox) -> bool:
+    return frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    """Area two boxes share (0 when apart)."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+
+def _merge_close_labels(ax: Axes, pixels: float = 14.0) -> None:
+    """Points closer than ``pixels`` on screen get one label listing them all (their own would collide)."""
+    kept: list[tuple[tuple[float, float], Text]] = []
+    for text in list(ax.texts):
+        x, y = ax.transData.transform(text.xy)
+        near = next((t for (kx, ky), t in kept if abs(kx - x) <= pixels and abs(ky - y) <= pixels), None)
+        if near is None:
+            kept.append(((x, y), text))
+        else:
+            near.set_text(f"{near.get_text()}, {text.get_text()}")
+            text.remove()
 
 
 def _marker_boxes(ax: Axes, half: float = 4.0) -> list[Bbox]:
@@ -253,16 +300,33 @@ def plot_tokens_per_layer(rows: list[Row], path: Path) -> None:
     shown, omitted = _split(rows, lambda r: bool(r.ledger))
     if not shown:
         return _no_data(path, title, "no finished configuration has a ledger.json artifact")
-    fig, (vision, llm) = _figure(13, 6.2, ncols=2)
-    _layer_curves(vision, shown, lambda ledger: [e["frames"] * e["tokens_per_frame"]
-                                                 for e in ledger.get("vision_layers", [])])
-    _layer_curves(llm, shown, lambda ledger: list(ledger.get("llm_layers", [])))
+    curves = (lambda ledger: [e["frames"] * e["tokens_per_frame"] for e in ledger.get("vision_layers", [])],
+              lambda ledger: list(ledger.get("llm_layers", [])))
+    # The legends sit under the panels: the figure grows with the longer one, so the plots keep
+    # their height and nothing runs into the title.
+    lines = max(_legend_lines(shown, curve) for curve in curves)
+    fig, (vision, llm) = _figure(13, 4.2 + 0.2 * lines, ncols=2)
+    _layer_curves(vision, shown, curves[0])
+    _layer_curves(llm, shown, curves[1])
     vision.set(title="vision encoder: frames x tokens per frame", xlabel="vision encoder layer",
-               ylabel="tokens entering the layer (all frames)")
+               ylabel="tokens in (all frames)")
     llm.set(title="LLM decoder: prefill sequence length", xlabel="decoder layer",
-            ylabel="sequence length entering the layer (text + visual)")
+            ylabel="sequence length in (all tokens)")
     fig.suptitle(f"{title} (configurations with identical curves share one line)")
     _save(fig, path, omitted)
+
+
+def _curve_groups(rows: list[Row], curve: Callable[[dict], list[int]]) -> dict[tuple[int, ...], list[str]]:
+    """Configurations by identical curve (the baseline marked), in first-seen order."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for row in rows:
+        groups.setdefault(tuple(curve(row.ledger)), []).append(f"{row.label} (baseline)" if row.is_baseline
+                                                               else row.label)
+    return groups
+
+
+def _legend_lines(rows: list[Row], curve: Callable[[dict], list[int]]) -> int:
+    return sum(len(textwrap.wrap(", ".join(labels), 60)) for labels in _curve_groups(rows, curve).values())
 
 
 def _layer_curves(ax: Axes, rows: list[Row], curve: Callable[[dict], list[int]]) -> None:
@@ -271,10 +335,7 @@ def _layer_curves(ax: Axes, rows: list[Row], curve: Callable[[dict], list[int]])
     Many configurations keep the same token counts in one part of the network (all pre-LLM methods
     leave the vision encoder alone); separate lines would hide each other exactly.
     """
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for row in rows:
-        groups.setdefault(tuple(curve(row.ledger)), []).append(f"{row.label} (baseline)" if row.is_baseline
-                                                               else row.label)
+    groups = _curve_groups(rows, curve)
     for i, (values, labels) in enumerate(groups.items()):
         # Earlier lines are wider and underneath, so curves that share a stretch stay visible.
         width = 1.5 + 2.5 * (len(groups) - 1 - i) / max(len(groups) - 1, 1)
