@@ -247,14 +247,14 @@ def _declutter_labels(fig: Figure, axes: list[Axes]) -> None:
             best: tuple[float, tuple[int, int]] | None = None
             for offset in LABEL_OFFSETS:
                 _offset_label(text, offset)
-                box = text.get_window_extent(renderer).padded(1)
+                box = Text.get_window_extent(text, renderer).padded(1)  # the words, not the leader line
                 clash = sum(_overlap(box, other) for other in placed) + (0 if _inside(box, frame) else 1e6)
                 if best is None or clash < best[0]:
                     best = (clash, offset)
                 if clash == 0:
                     break
             _offset_label(text, best[1])  # nothing free: the spot that overlaps least
-            placed.append(text.get_window_extent(renderer).padded(1))
+            placed.append(Text.get_window_extent(text, renderer).padded(1))
 
 
 def _inside(box: Bbox, frame: Bbox) -> bool:
