@@ -14,7 +14,9 @@ drift slowly and the rest change), the median of ``--repeats`` calls after ``--w
   then a Python O(T * W) double loop reading the table entry by entry (each read a device sync on CUDA);
 - ``ref_python``: a plain pure-Python reference: indicator to lists, windows and DP in Python loops.
 
-All variants must find the same optimum (checked). ``whole outer_merge hook`` times the complete
+Both references run the official loop order (the one-frame window first, then lengths 2, 3, ...,
+replaced only on a strict ``>``, so ties keep the shortest last window). All variants must find the
+same optimum and the same windows, ties included (checked). ``whole outer_merge hook`` times the complete
 pre-LLM stage (similarity, DP, static merging and clustering, dynamic top-k, token replacement) on
 the same features with random attention. The share of TTFT is printed against ``--ttft-ms`` or an
 assumed figure for the device (``ASSUMED_TTFT_MS``, labelled so), both scaled by T/32, or, with
@@ -70,10 +72,10 @@ def ref_table(feature_sim: torch.Tensor, tau: float, max_window: int) -> tuple[l
         counts[s, s + 1 :] = torch.cumprod(indicator[s:], dim=0).sum(dim=1)
     best, start = [0] * (frames + 1), [0] * frames
     for e in range(frames):
-        best[e + 1], start[e] = -1, e
-        for s in range(max(0, e - max_window + 1), e + 1):
+        best[e + 1], start[e] = best[e], e  # the one-frame window first, as the official loop
+        for s in range(e - 1, max(0, e - max_window + 1) - 1, -1):  # then lengths 2, 3, ...
             value = best[s] + int(counts[s, e]) * (e - s)  # one device read per window
-            if value > best[e + 1]:
+            if value > best[e + 1]:  # strict: among equal totals the shortest window stays
                 best[e + 1], start[e] = value, s
     return _trace(start), best[frames]
 
@@ -91,10 +93,10 @@ def ref_python(feature_sim: torch.Tensor, tau: float, max_window: int) -> tuple[
             gain[s][e] = sum(alive) * (e - s)
     best, start = [0] * (frames + 1), [0] * frames
     for e in range(frames):
-        best[e + 1], start[e] = -1, e
-        for s in range(max(0, e - max_window + 1), e + 1):
+        best[e + 1], start[e] = best[e], e  # the one-frame window first, then lengths 2, 3, ...
+        for s in range(e - 1, max(0, e - max_window + 1) - 1, -1):
             value = best[s] + gain[s][e]
-            if value > best[e + 1]:
+            if value > best[e + 1]:  # strict, as the official loop: ties keep the shortest window
                 best[e + 1], start[e] = value, s
     return _trace(start), best[frames]
 
@@ -225,10 +227,12 @@ def bench_shape(frames: int, args: argparse.Namespace, device: torch.device, dty
     totals = {k: v[1] for k, v in results.items()}
     if len(set(totals.values())) != 1:
         raise SystemExit(f"T={frames}: the variants disagree on the optimum: {totals}")
-    same = all(v[0] == results["ours"][0] for v in results.values())
+    if any(v[0] != results["ours"][0] for v in results.values()):
+        raise SystemExit(f"T={frames}: the variants disagree on the windows: "
+                         f"{ {k: v[0] for k, v in results.items()} }")
     windows = results["ours"][0]
     print(f"\nT={frames}: {len(windows)} windows, total_reduced={totals['ours']} "
-          f"of {frames * args.positions} tokens; same windows in every variant: {same}")
+          f"of {frames * args.positions} tokens; same windows in every variant (ties included)")
     slow = max(3, args.repeats // 4)
     times = {
         "similarity": median_ms(lambda: sw.consecutive_similarity(x), device, args.warmup, args.repeats),

@@ -5,6 +5,19 @@ the frames by streaming similarity and merge similar middle frames of each segme
 or paper variant, see ``tokcomp.ops.temporal``); later layers run on fewer frames. At the last
 merge layer the merged frames are segmented once more ("refine") for stage 2.
 
+A merged pair (F_i, F_{i+1}) gets Eq. 3's weights w = s_i / (s_i + s_{i+1}) and 1 - w. The merge
+condition (s_i > tau_merge and s_i > s_{i+1}) does not keep the sum positive: the official adaptive
+threshold can be low or negative, and s_{i+1} can be negative. When s_i + s_{i+1} <= 0 the official
+``fine_segment`` still divides (only s_{i+1} == 0 exactly falls back to w = 1): a negative sum
+*extrapolates*, e.g. s_i = 0.61 and s_{i+1} = -0.81 give weights -3.05 and +4.05, and a zero sum
+gives infinite weights (an inf/NaN frame). tokcomp does not reproduce this: ``pair_weight`` in
+``tokcomp.ops.temporal`` returns w = 1 whenever the sum is not positive, so the pair's output is
+1 * F_i + 0 * F_{i+1} (float32, back in the input dtype), i.e. F_i itself, for the hidden states and
+the attention statistic (when present) alike; F_{i+1} is dropped and does not appear in the merged
+frame's provenance (weight 0), like the official last-pair rule. The scan then goes on after the
+pair (i += 2), as for any merge. The paper variant uses the same ``pair_weight``, so the same holds
+there.
+
 Stage 2, ``earlytom.decoupled_select`` (pre-LLM): with r_hat = min(r * B / N, 1), the head and
 tail frames of each segment (every frame of a segment of one or two) keep their top ceil(L * r_hat)
 tokens by importance; middle frames keep the argmax of each of round(L * r_hat) windows, which

@@ -7,14 +7,21 @@ Outer-LLM, ``holitom.outer_merge`` (pre-LLM, on the projected and pooled feature
    static in a window of frames when its similarity exceeds ``tau`` for every consecutive pair inside
    it; a window's gain is its static count times (length - 1), the tokens saved by keeping each static
    position once; the DP picks the partition into windows of at most ``max_window`` frames with the
-   largest total gain, ``total_reduced``. Why: static content is collapsed over the longest stretches
-   where it stays put, globally rather than greedily.
+   largest total gain, ``total_reduced``; among partitions of equal total, the one the official loop
+   keeps: at every end frame the shortest optimal last window (it tries lengths 1, 2, 3, ... and
+   replaces its best only on a strict ``>``). Why: static content is collapsed over the longest
+   stretches where it stays put, globally rather than greedily.
 3. r' = min(ratio / ((T*P - total_reduced) / (T*P)), 1), so about ``ratio`` * T * P tokens remain.
 4. Per window: the static positions are averaged over the window's frames (one token each) and
-   clustered by DPC-KNN (``k`` neighbours) into round(n_static * r') centres; each cluster becomes
-   ``beta`` * centre + (1 - beta) * mean(members), the members including the centre (the TCFormer-style
-   clustering the official code uses labels every centre as a member of its own cluster, and the mean
-   runs over every token with that label). Every frame keeps its top ceil(n_dynamic * r') dynamic
+   clustered by DPC-KNN into C = round(n_static * r') centres with min(``k``, C) density neighbours
+   (the official ``merge_tokens_by_density`` passes ``k=min(K, cluster_num)``: the cluster count, not
+   the token count); every other static token joins its nearest centre. Each cluster becomes
+   ``beta`` * centre + (1 - beta) * mean of its *non-centre* members, and a centre that no other
+   token joined stays as it is (official ``merge_tokens_by_clustering``: it averages only the
+   non-centre tokens assigned to each centre and appends the bare centre when there are none; e.g.
+   tokens 0, 1, 4 with centre 0 and beta 0.6 give 0.6 * x0 + 0.4 * (x1 + x4) / 2; the
+   centre-included mean is its ``NO_BETA=1`` branch, off by default whatever the "NO_BETA: 1"
+   printout says). Every frame keeps its top ceil(n_dynamic * r') dynamic
    (non-static) tokens by the received attention of vision layer ``layer`` (default -1: the last one,
    what HoliTom's vendored SigLIP returns), pooled like the features. A one-frame window is all dynamic.
 5. Output: per window in temporal order [static cluster tokens, dynamic tokens frame by frame], each
@@ -34,17 +41,23 @@ Deviations from the official outer-LLM code:
   D=0 turns it off (methods.md 2.2).
 - The DP is vectorised: every window's static count comes from one histogram of run lengths of the
   (T-1, P) indicator (no loop over windows) and the DP is T host steps of a vectorised max over the
-  starts, instead of the official Python O(T * W) double loop. Same optimum; ties (equal totals) go to
-  the longest last window, traced back from the end, which the official loop does not pin down in the
-  spec (benchmarks/holitom_dp.py times both).
-- Static clusters are emitted in the spatial order of their centres. methods.md does not say how the
-  official code orders them; a TCFormer-style DPC-KNN labels clusters in the order it picks the
-  centres (by descending score), which is presumably what it emits. The window's static tokens
-  take the same contiguous positions either way; only their order among themselves can differ.
+  starts, instead of the official Python O(T * W) double loop. Not a deviation in result: the same
+  optimum and the same windows, ties included (the largest start wins at every end frame, as the
+  official strict ``>`` over increasing lengths keeps the shortest window; benchmarks/holitom_dp.py
+  times both and checks the windows agree).
+- Not a deviation either: static clusters are emitted in the spatial order of their centres, as the
+  official ``merge_tokens_by_density`` sorts its centre indices before merging; the other static
+  tokens are assigned to the nearest centre, the lower-index centre on exact distance ties, as its
+  ``argmin`` over the sorted centres does (``dpc_knn_cluster(..., centre_order="index")``).
 - A window with static positions keeps at least one static cluster (round(n_static * r') can be 0 at
-  small ratios; the DPC-KNN cannot form zero clusters, and dropping a window's whole static content
-  is not what the method intends).
+  small ratios, and the official code then emits no static token for the window: its whole static
+  content is dropped). With one cluster, min(k, 1) = 1 neighbour, so the densities carry no
+  information (see below).
 - DPC-KNN density ties are broken by index instead of 1e-6 uniform noise (``tokcomp.ops.cluster``).
+  Ties are certain whenever C = 1 (k = 1: every token's nearest neighbour is itself, density exp(0)
+  up to ``cdist`` rounding): the official centre is then effectively a random static position,
+  here the one that rounding and the index rule favour (the first in raster order when ``cdist``
+  is exact, i.e. up to 25 tokens).
 - The similarity, the static averages and the merges are computed in float32 whatever the feature
   dtype (bf16 on the real model), so thresholds at tau are not decided by bf16 rounding.
 
@@ -96,6 +109,7 @@ from tokcomp.ops.static_windows import (
     retained_ratio,
     static_cluster_count,
     static_masks,
+    static_neighbours,
     static_windows,
     topk_rank_mask,
 )
@@ -153,7 +167,7 @@ class OuterMerge(Strategy):
     summary = "HoliTom outer-LLM: DP temporal windows, static tokens averaged and DPC-KNN merged, dynamic top-k"
     ratio: float = 0.1  # RETAIN_RATIO: fraction of the video tokens kept
     tau: float = 0.8  # T: cosine similarity a position must exceed between consecutive frames to be static
-    k: int = 7  # K: DPC-KNN neighbours
+    k: int = 7  # K: DPC-KNN neighbours, capped at each window's static cluster count (official min(K, C))
     beta: float = 0.6  # BETA: weight of the centre in a merged static token
     max_window: int = 1024  # MAX_WINDOW_SIZE: most frames in one window
     layer: int = -1  # vision layer whose received attention ranks dynamic tokens (official: the last)
@@ -231,14 +245,15 @@ class OuterMerge(Strategy):
 
     def _merge_static(self, features: Tensor, scores: Tensor, static: Tensor, r: float) -> tuple[Tensor, Tensor, Tensor]:
         """One window's static tokens: (merged (C, D), centre positions (C,), centre scores (C,)), in
-        spatial order of the centres."""
+        spatial order of the centres (the official code sorts its centres by index)."""
         positions = torch.nonzero(static, as_tuple=False).flatten()
         averaged = features.index_select(1, positions).float().mean(dim=0)  # one token per static position
-        centres, assignment = dpc_knn_cluster(averaged, static_cluster_count(positions.numel(), r), self.k)
+        n_clusters = static_cluster_count(positions.numel(), r)
+        centres, assignment = dpc_knn_cluster(averaged, n_clusters, static_neighbours(self.k, n_clusters),
+                                              centre_order="index")
         merged = beta_merge(averaged, centres, assignment, self.beta)
-        order = torch.argsort(positions[centres])
-        centre_positions = positions[centres][order]
-        return merged[order], centre_positions, scores[:, centre_positions].mean(dim=0)
+        centre_positions = positions[centres]  # ascending: ``positions`` is, and so are the centres
+        return merged, centre_positions, scores[:, centre_positions].mean(dim=0)
 
 
 

@@ -120,11 +120,45 @@ def test_dp_matches_brute_force_over_all_partitions_of_six_frames(case, max_wind
     assert sum(brute_force_gain(sim, TAU, s, e) for s, e in windows) == total
 
 
-def test_dp_ties_go_to_the_longest_last_window():
-    nothing = torch.full((5, 2), LO)
-    assert sw.static_windows(nothing, TAU, 1024)[:2] == ([(0, 5)], 0)
+def official_order_dp(sim: list[list[float]], tau: float, max_window: int) -> list[tuple[int, int]]:
+    """The DP in HoliTom's order: at each end frame e the one-frame window first, then lengths 2, 3, ...,
+    a longer window replacing the best only when strictly better; traced back from the last frame."""
+    frames = len(sim) + 1
+    best, start = [0] * (frames + 1), [0] * frames
+    for e in range(frames):
+        best[e + 1], start[e] = best[e], e
+        for length in range(2, min(e + 1, max_window) + 1):
+            s = e - length + 1
+            value = best[s] + brute_force_gain(sim, tau, s, e)
+            if value > best[e + 1]:
+                best[e + 1], start[e] = value, s
+    windows, e = [], frames - 1
+    while e >= 0:
+        windows.append((start[e], e))
+        e = start[e] - 1
+    return windows[::-1]
+
+
+def test_dp_ties_go_to_the_shortest_last_window_as_the_official_strict_comparison_keeps_it():
+    # 3 frames, 2 positions: both static in pair 0, only position 0 in pair 1.
+    # [0..2] keeps position 0 once: saves 1 * 2 = 2; [0..1] + [2] keeps both once: saves 2 * 1 = 2.
+    # Equal totals: the official loop meets the one-frame window [2] first and keeps it.
+    tie = torch.tensor([[HI, HI], [HI, LO]])
+    assert sw.static_windows(tie, TAU, 1024)[:2] == ([(0, 1), (2, 2)], 2)
+    nothing = torch.full((5, 2), LO)  # every window saves 0: one-frame windows throughout
+    assert sw.static_windows(nothing, TAU, 1024)[:2] == ([(t, t) for t in range(6)], 0)
     everything = torch.full((4, 1), HI)  # 5 frames, windows of at most 2: three optima worth 2
-    assert sw.static_windows(everything, TAU, 2)[:2] == ([(0, 0), (1, 2), (3, 4)], 2)
+    assert sw.static_windows(everything, TAU, 2)[:2] == ([(0, 1), (2, 3), (4, 4)], 2)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_windows_match_the_official_order_loop_ties_included(seed):
+    g = torch.Generator().manual_seed(seed)
+    frames, positions = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    sim = ((torch.rand(frames - 1, positions, generator=g) > 0.4).float() * 0.4 + 0.5).tolist()
+    for max_window in (2, 3, 1024):
+        assert sw.static_windows(torch.tensor(sim).reshape(frames - 1, positions), TAU, max_window)[0] == \
+            official_order_dp(sim, TAU, max_window)
 
 
 def test_a_single_frame_is_one_window_with_nothing_static():
@@ -156,12 +190,28 @@ def test_dynamic_counts_round_up_and_static_counts_round_to_even_with_at_least_o
     assert sw.static_cluster_count(0, 0.5) == 0
 
 
-def test_beta_merge_weights_the_centre_by_beta_and_the_members_mean_centre_included_by_one_minus_beta():
+def test_beta_merge_is_beta_centre_plus_one_minus_beta_mean_of_the_non_centre_members():
+    x = torch.tensor([[0.0], [1.0], [4.0]])
+    # tokens 0, 1, 4, centre 0, beta 0.6: 0.6 * 0 + 0.4 * (1 + 4) / 2 = 1.0 (the centre-included mean gave 0.667)
+    assert sw.beta_merge(x, torch.tensor([0]), torch.tensor([0, 0, 0]), 0.6).item() == pytest.approx(1.0)
     x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [10.0, 10.0]])
     merged = sw.beta_merge(x, torch.tensor([0, 3]), torch.tensor([0, 0, 0, 1]), 0.6)
-    # cluster 0 = {0, 1, 2}: 0.6 * (0, 0) + 0.4 * (2, 0); cluster 1 = {3}: itself
-    assert merged.flatten().tolist() == pytest.approx([0.8, 0.0, 10.0, 10.0])
+    # cluster 0 = centre 0 with members 1, 2: 0.6 * (0, 0) + 0.4 * (3, 0); cluster 1 = centre 3 alone: itself
+    assert merged.flatten().tolist() == pytest.approx([1.2, 0.0, 10.0, 10.0])
     assert sw.beta_merge(x, torch.tensor([1]), torch.zeros(4, dtype=torch.long), 1.0).tolist() == [[2.0, 0.0]]
+
+
+def test_a_centre_no_other_token_joined_is_kept_as_it_is_not_scaled_by_beta():
+    x = torch.tensor([[3.0, -1.0], [5.0, 5.0]])
+    merged = sw.beta_merge(x, torch.tensor([0, 1]), torch.tensor([0, 1]), 0.6)
+    assert merged.tolist() == [[3.0, -1.0], [5.0, 5.0]]  # not 0.6 * centre (no members to average)
+
+
+def test_static_neighbours_are_min_of_k_and_the_cluster_count():
+    assert sw.static_neighbours(7, 2) == 2
+    assert sw.static_neighbours(7, 13) == 7
+    assert sw.static_neighbours(20, 13) == 13  # the cluster count, not the 16 tokens clustered
+    assert sw.static_neighbours(7, 0) == 1
 
 
 def test_topk_rank_mask_keeps_the_best_eligible_positions_per_row():
@@ -226,9 +276,52 @@ def test_merged_static_token_is_beta_centre_plus_one_minus_beta_cluster_mean_and
     # cluster (round(2 * 0.5)) and ceil(2 * 0.5) = 1 dynamic token per frame
     OuterMerge(ratio=1 / 3, beta=0.6).tokcomp_pre_llm(tokens)
     assert tokens.num_tokens == 1 + 3
-    # equal densities: the lower position is the centre; averaged (2, 0) and (0, 2): mean (1, 1)
-    assert tokens.features[0].tolist() == pytest.approx([0.6 * 2 + 0.4 * 1, 0.4 * 1])
+    # one cluster: k = min(7, 1) = 1, equal densities, the lower position is the centre; averaged
+    # (2, 0) and (0, 2): 0.6 * centre + 0.4 * the other member
+    assert tokens.features[0].tolist() == pytest.approx([0.6 * 2, 0.4 * 2])
     assert tokens.source.tolist() == [0, 2, 7, 10]  # centre, then position 2 / 3 / 2 by attention
+
+
+def six_static_points() -> torch.Tensor:
+    """(2, 6, 2): six positions static over two frames at (v, 1), v = 0, .1, .2, .3 (a loose row)
+    and 1, 1.05 (a tight pair)."""
+    v = torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0, 1.05])
+    return torch.stack([v, torch.ones(6)], dim=-1)[None].expand(2, -1, -1).clone()
+
+
+def test_static_clustering_uses_min_of_k_and_the_cluster_count_neighbours():
+    from tokcomp.ops.cluster import dpc_knn_cluster
+
+    tokens = hand_tokens(six_static_points(), torch.rand(2, 6), width=3)
+    # one window saves 6 of 12 tokens: r' = (1/6) / (6/12) = 1/3, C = round(6 / 3) = 2, k = min(7, 2) = 2.
+    # With 2 neighbours (itself and its nearest) the tight pair is densest: position 4 (ties: lower
+    # index) gets the largest delta, then position 0, the densest of the row, 1.0 away from it.
+    # With 7 (all six) neighbours the middle of the row is densest and positions 3 and 4 would win.
+    assert dpc_knn_cluster(six_static_points()[0], 2, 7, centre_order="index")[0].tolist() == [3, 4]
+    OuterMerge(ratio=1 / 6, k=7).tokcomp_pre_llm(tokens)
+    assert tokens.meta[WINDOWS] == [(0, 1)]
+    assert tokens.source.tolist() == [0, 4]
+    # 0.6 * (0, 1) + 0.4 * mean of (.1, 1), (.2, 1), (.3, 1); 0.6 * (1, 1) + 0.4 * (1.05, 1)
+    assert tokens.features.flatten().tolist() == pytest.approx([0.08, 1.0, 1.02, 1.0])
+
+
+def test_outer_merge_passes_min_of_k_and_the_cluster_count_to_the_clustering(monkeypatch):
+    import tokcomp.strategies.holitom as holitom
+
+    seen = []
+
+    def spy(x, n_clusters, k, centre_order="score"):
+        seen.append((x.shape[0], n_clusters, k, centre_order))
+        return real(x, n_clusters, k, centre_order)
+
+    real = holitom.dpc_knn_cluster
+    monkeypatch.setattr(holitom, "dpc_knn_cluster", spy)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 16, 8, generator=g) * torch.linspace(0.2, 3.0, 16)[None, :, None]
+    features = base.expand(4, -1, -1).clone()  # 16 static positions, r' = 0.8: 13 clusters
+    for k, expected in ((7, 7), (20, 13)):
+        OuterMerge(ratio=0.2, tau=0.5, k=k).tokcomp_pre_llm(hand_tokens(features, torch.rand(4, 16), width=4))
+        assert seen.pop() == (16, 13, expected, "index")
 
 
 def test_windows_are_emitted_in_temporal_order_each_with_its_static_tokens_first():

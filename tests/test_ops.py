@@ -86,3 +86,15 @@ def test_average_adjacent_pairs_weights_by_source_count():
     merged, sources = average_adjacent_pairs(hidden, [[0, 1], [2], [3]])
     assert merged.flatten().tolist() == [1.0, 6.0]  # (0*2 + 3*1) / 3
     assert sources == [[0, 1, 2], [3]]
+
+
+def test_dpc_knn_centre_order_index_sorts_centres_and_sends_distance_ties_to_the_lower_index_centre():
+    from tokcomp.ops.cluster import dpc_knn_cluster
+
+    # 1-D points 0, 2, 1, 2.1 with k = 2: the pair (2, 2.1) is densest, so point 1 scores highest
+    # (largest delta), then point 0; point 2 (at 1) is exactly 1 away from both centres.
+    x = torch.tensor([[0.0], [2.0], [1.0], [2.1]])
+    centres, assignment = dpc_knn_cluster(x, 2, 2)  # PruneVid's default: descending score
+    assert centres.tolist() == [1, 0] and assignment.tolist() == [1, 0, 0, 0]
+    centres, assignment = dpc_knn_cluster(x, 2, 2, centre_order="index")  # HoliTom's: sorted indices
+    assert centres.tolist() == [0, 1] and assignment.tolist() == [0, 1, 0, 1]

@@ -12,10 +12,20 @@ Inputs are the pooled features of T frames with P positions each, (T, P, D). Not
   is kept once instead of e - s + 1 times. A one-frame window gains 0.
 - The segmentation maximises the total gain over partitions of 0..T-1 into contiguous windows of at
   most ``max_window`` frames. The DP over end frames is T steps with a vectorised max over the starts
-  (numpy, on the host, after one transfer of the (T, T) gain table); ties go to the smallest start,
-  i.e. the longest last window.
+  (numpy, on the host, after one transfer of the (T, T) gain table). Among equal totals the
+  *largest* start wins, i.e. the shortest last window, at every end frame and so along the whole
+  trace-back: the official loop (``select_static_windows``) starts from the one-frame window and
+  tries lengths 2, 3, ... in turn, replacing its best only on a strict ``>``, so the first (shortest)
+  optimal window is kept. Equal totals with different windows are not rare (about a third of random
+  small inputs, T <= 32 and P < 50, with the default ``max_window``; far fewer at 32 x 196), so this
+  rule decides the windows, not just the optimum's value.
 
-Everything is exact integer arithmetic after the similarity threshold, so the DP has no float ties.
+Everything is exact integer arithmetic after the similarity threshold, so the DP has no float ties
+(the official DP adds the same integers in float32, exact below 2**24, far above T * P).
+
+``beta_merge`` is HoliTom's cluster merge (``merge_tokens_by_clustering``): the centre weighted by
+beta, the mean of the cluster's *other* members by 1 - beta, and a centre with no other member kept
+as it is.
 """
 
 from __future__ import annotations
@@ -83,7 +93,8 @@ def best_partition(gains: Tensor | np.ndarray, max_window: int) -> tuple[list[tu
     summed ``gains[e, s]``. Returns (windows as inclusive (s, e) pairs in temporal order, the optimum).
 
     One host transfer, then T steps each taking a vectorised max over the admissible starts; among
-    equal totals the smallest start (longest last window) wins, traced back from the end."""
+    equal totals the largest start (shortest last window) wins at every end frame, as in HoliTom's
+    loop (lengths tried from 1 upwards, replaced only on a strict ``>``); traced back from the end."""
     if max_window < 1:
         raise ValueError(f"max_window={max_window!r} must be >= 1")
     g = gains.detach().cpu().numpy() if isinstance(gains, Tensor) else np.asarray(gains)
@@ -92,9 +103,9 @@ def best_partition(gains: Tensor | np.ndarray, max_window: int) -> tuple[list[tu
     start = np.zeros(frames, dtype=np.int64)
     for e in range(frames):
         lo = max(0, e - max_window + 1)
-        values = best[lo : e + 1] + g[e, lo : e + 1]
-        j = int(values.argmax())  # first maximum: the smallest start
-        start[e], best[e + 1] = lo + j, values[j]
+        values = (best[lo : e + 1] + g[e, lo : e + 1])[::-1]  # starts e, e - 1, ..., lo
+        j = int(values.argmax())  # first maximum in that order: the largest start
+        start[e], best[e + 1] = e - j, values[j]
     windows, e = [], frames - 1
     while e >= 0:
         windows.append((int(start[e]), e))
@@ -140,14 +151,31 @@ def static_cluster_count(n_static: int, ratio: float) -> int:
     return max(1, min(n_static, round(n_static * ratio))) if n_static > 0 else 0
 
 
+def static_neighbours(k: int, n_clusters: int) -> int:
+    """DPC-KNN neighbours for a window's static tokens: min(K, number of clusters), as HoliTom's
+    ``merge_tokens_by_density`` passes ``k=min(K, cluster_num)`` (the cluster count, not the token
+    count; at least one)."""
+    return max(1, min(k, n_clusters))
+
+
 def beta_merge(x: Tensor, centres: Tensor, assignment: Tensor, beta: float) -> Tensor:
-    """(C, D): beta * x[centre] + (1 - beta) * mean of the cluster's members, the centre among them.
+    """(C, D): beta * x[centre] + (1 - beta) * mean of the cluster's *non-centre* members; a centre
+    with no other member is returned unchanged (not scaled by beta).
+
+    This is HoliTom's ``merge_tokens_by_clustering`` with ``NO_BETA`` unset or "0" (its default): it
+    averages only the non-centre tokens assigned to a centre, and appends the bare centre when none
+    is. E.g. members 0, 1, 4 with centre 0 and beta 0.6: 0.6 * x0 + 0.4 * (x1 + x4) / 2.
 
     ``centres`` (C,) indexes x (N, D); ``assignment`` (N,) gives each point's cluster position in
-    ``centres`` (a centre is assigned to itself, as :func:`tokcomp.ops.cluster.dpc_knn_cluster` does).
-    Float32 arithmetic, x's dtype out."""
-    means = cluster_means(x.float(), assignment, centres.numel())
-    return (beta * x[centres].float() + (1.0 - beta) * means).to(x.dtype)
+    ``centres`` (the entries of the centres themselves are ignored). Float32 arithmetic, x's dtype out."""
+    others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    others[centres] = False
+    labels = assignment[others]
+    means = cluster_means(x[others].float(), labels, centres.numel())
+    counts = torch.bincount(labels, minlength=centres.numel())
+    centre = x[centres].float()
+    merged = torch.where((counts > 0)[:, None], beta * centre + (1.0 - beta) * means, centre)
+    return merged.to(x.dtype)
 
 
 def topk_rank_mask(scores: Tensor, eligible: Tensor, counts: Tensor) -> Tensor:
