@@ -1,10 +1,13 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
+# the oldest transformers tokcomp supports, installed over .venv's packages (see test-oldest)
+OLDEST_TRANSFORMERS := 5.17.0
+OLDEST := .venv/oldest-transformers-$(OLDEST_TRANSFORMERS)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast test-oldest lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
+
+# Without the real-size model tests (`-m slow`: the 0.5B and 3B dimensions); `make test` runs them too.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+
+# The same suite against the oldest supported transformers: it and the huggingface_hub major it needs
+# (<2, with httpx) go into a --target folder put first on PYTHONPATH; everything else is .venv's.
+$(OLDEST)/.installed: $(STAMP)
+	rm -rf $(OLDEST)
+	$(BIN)/python -m pip install -q --no-deps --target $(OLDEST) "transformers==$(OLDEST_TRANSFORMERS)" \
+		"huggingface_hub>=1.5,<2" "httpx>=0.23,<1" "httpcore>=1,<2"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
+	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

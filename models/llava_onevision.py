@@ -137,7 +137,8 @@ def description_from_config(config: LlavaOnevisionConfig, preset: str, count_pro
 
     return ModelDescription(info=info, dims=dims_from_config(config), count_prompt=count_prompt, video=video,
                             llm_grid=llm_grid, specials=1, position_rank=1, contiguous_positions=True,
-                            vision_hidden=config.vision_config.hidden_size)
+                            vision_hidden=config.vision_config.hidden_size,
+                            context_length=getattr(config.text_config, "max_position_embeddings", None))
 
 
 def describe(spec: Any, preset: str) -> ModelDescription:

@@ -88,6 +88,7 @@ def description_from_config(config: Qwen2_5_VLConfig, preset: str, bounds: tuple
     return ModelDescription(
         info=info, dims=dims_from_qwen2_5_vl_config(config, grid), count_prompt=count_prompt, video=video,
         llm_grid=llm_grid, specials=0, position_rank=3, contiguous_positions=False, vision_hidden=v.hidden_size,
+        context_length=getattr(t, "max_position_embeddings", None),
         attention_pairs=lambda index, rows, tokens, vid: qvid.attention_pairs(v, index, rows, tokens, vid.grid))
 
 

@@ -109,3 +109,53 @@ def test_yaml_paths_resolve_relative_to_the_file(tmp_path):
 
 def test_every_error_is_a_tokcomp_error():
     assert issubclass(UnknownNameError, TokcompError) and issubclass(InputError, TokcompError)
+
+
+# ---- preflight: checks of the resolved config alone, before any weights or files --------------------------
+def test_preflight_refuses_what_the_config_alone_shows_is_wrong(tmp_path, monkeypatch):
+    from tokcomp.preflight import check_experiment
+
+    def refused(message, *overrides, path=None):
+        cfg = load_experiment(path, ["input.frames=4", *overrides])
+        with pytest.raises(TokcompError, match=message):
+            check_experiment(cfg, experiment_file=path)
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# to do\n")
+    refused("'.*empty.yaml' is empty", path=empty)
+    nothing = tmp_path / "nothing.yaml"
+    nothing.write_text("baseline: false\n")
+    refused("nothing to run", path=nothing)
+    refused("input.prompt is empty", "input.prompt=")
+    refused(r"context of model 'tiny' \(4096 positions\)", f"input.prompt={'y' * 5000}")
+    refused("'gpu9' is not a device torch knows", "model.device=gpu9")
+    refused("unknown scheme 'foo'", "tracking.uri=foo://x")
+    (tmp_path / "f").write_text("")
+    refused("cannot be created, '.*f' is a file", f"tracking.uri=sqlite:///{tmp_path / 'f' / 'sub' / 'm.db'}")
+    refused("is a directory", f"input.video={tmp_path}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    refused("offline mode is on .* not in the cache", "model.preset=qwen2.5-vl-3b", "model.weights=pretrained")
+    assert not (tmp_path / "f").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty.yaml", "f", "nothing.yaml"]  # nothing created
+
+
+def test_preflight_passes_the_quickstart_and_counts_its_context(tmp_path):
+    from pathlib import Path
+
+    from tokcomp.preflight import check_experiment
+
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    description = check_experiment(load_experiment(quickstart, [f"tracking.uri=sqlite:///{tmp_path}/m.db"]),
+                                   experiment_file=quickstart)
+    assert description.context_length == 4096
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_context_of_real_presets_comes_from_their_configs():
+    from tokcomp.config import ModelConfig
+    from tokcomp.plugins import Plugins
+
+    plugins = Plugins()
+    for preset, context in (("llava-onevision-0.5b", 32768), ("qwen2.5-vl-3b", 128000), ("qwen2.5-vl-tiny", 4096)):
+        assert plugins.model(preset).describe(ModelConfig(preset=preset)).context_length == context

@@ -47,7 +47,16 @@ def test_every_tiny_override_names_a_registered_strategy():
 
 
 def _no_hooks_left(adapter) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in adapter.model.modules())
+    """No forward (pre-)hook of tokcomp's (the pipeline's or a strategy's) is left on any module.
+
+    Only hooks defined in tokcomp count: transformers' stock ``forward``/``generate`` leave their own
+    output-capturing hooks on the layers (transformers.utils.output_capturing), which are not ours."""
+    def origin(hook) -> str:
+        return getattr(hook, "__module__", None) or getattr(getattr(hook, "func", None), "__module__", None) or ""
+
+    return not [hook for m in adapter.model.modules()
+                for hook in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                if origin(hook).startswith("tokcomp")]
 
 
 def _strategy_for(plugins, name, adapter, video):

@@ -44,6 +44,7 @@ def test_ledger_of_uncompressed_run_counts_every_token(tiny, pixels):
     assert ledger.retained_ratio == 1.0
 
 
+@pytest.mark.slow
 def test_real_size_half_billion_preset_reproduces_stock_transformers(plugins, frames):
     """The 0.5B dimensions (26 SigLIP layers, 24 Qwen2 layers) at 112 px and 2 frames, fp32."""
     adapter = plugins.model("llava-onevision-0.5b").build(model_spec(image_size=112))
@@ -75,6 +76,7 @@ def test_tiny_qwen2_5_vl_pipeline_reproduces_stock_transformers(plugins, frames,
     assert_matches_stock(adapter, adapter.preprocess(frames))
 
 
+@pytest.mark.slow
 def test_qwen2_5_vl_3b_dimensions_reproduce_stock_transformers(plugins):
     """Qwen2.5-VL-3B's widths, heads, 112-px windows and vocab, random weights, fp32; depth cut to 4
     vision blocks (blocks 1 and 3 full attention, the others windowed) and 2 decoder layers to keep

@@ -51,7 +51,8 @@ def adapter_and_pixels(request, name: str, frames: Tensor) -> tuple:
 
 # Every strategy on the tiny model; on the 0.5B (~10 s to build, ~1 s a run) one case per kind of
 # accounting: the plain forward, per-layer LLM lengths with LLM statistics, vision statistics.
-RUN_CASES = [("tiny", case) for case in sorted(STRATEGY_CASES)] + [("half", case) for case in ("none", "fastv", "topk")]
+RUN_CASES = [("tiny", case) for case in sorted(STRATEGY_CASES)] + [
+    pytest.param("half", case, marks=pytest.mark.slow) for case in ("none", "fastv", "topk")]
 
 
 def strategies(plugins, case: str) -> list:
@@ -144,7 +145,7 @@ def fvcore_macs(module: nn.Module, *inputs: Tensor) -> int:
         return analysis.total()
 
 
-@pytest.mark.parametrize("name", ["tiny", "half"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("half", marks=pytest.mark.slow)])
 def test_exact_protocol_agrees_with_fvcore_on_vision_and_llm(request, frames, name):
     adapter, pixels = adapter_and_pixels(request, name, frames)
     ledger = run_with(adapter, pixels, [], max_new_tokens=1).ledger

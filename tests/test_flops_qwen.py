@@ -224,6 +224,7 @@ def three_b():
     return build(three_b_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid", [(2, 8, 12), (3, 8, 8)], ids=["4f-112x168px", "6f-112x112px"])
 def test_exact_protocol_equals_flop_counter_at_qwen2_5_vl_3b_sizes(three_b, grid):
     """112x168 px: rows of 8x12 patches in two 112-px windows (64 and 32 patches); 112x112 px: one

@@ -132,4 +132,21 @@ def test_hook_tracing_prints_each_call(tiny, pixels, capsys, plugins):
     stack = CompressionStack([plugins.strategy("uniform").from_params({"ratio": 0.5})], run_info(tiny, pixels),
                              trace=True)
     run(tiny, pixels, "hi", stack, max_new_tokens=1)
-    assert "tokcomp_pre_llm" in capsys.readouterr().err
+    lines = capsys.readouterr().err.splitlines()
+    call = next(line for line in lines if line.startswith("[hook] tokcomp_pre_llm -> uniform: state=VisualTokens("))
+    assert "features=float32[128, 64]" in call and "frame_sources=list[8]" in call
+    left = next(line for line in lines if line.startswith("[hook] tokcomp_pre_llm left:"))
+    assert "features=float32[64, 64]" in left  # what the strategy left: half the tokens
+    assert len(lines) == 2 and "tensor(" not in "".join(lines)  # shapes and counts, never contents
+
+
+def test_trace_summaries_are_shapes_and_counts():
+    import torch
+
+    from tokcomp.plugins import summarize
+
+    assert summarize(torch.zeros(3, 4)) == "float32[3, 4]"
+    assert summarize(torch.tensor([True, False, True])) == "bool[3] (2 true)"
+    assert summarize({1: torch.zeros(5)}) == "{1: float32[5]}"
+    assert summarize(list(range(100))) == "list[100]" and summarize((4, 4)) == "(4, 4)"
+    assert summarize("x" * 100).endswith("...") and len(summarize("x" * 100)) == 40

@@ -382,6 +382,7 @@ def test_a_checkpoints_own_video_processor_bounds_set_the_frame_size(adapter, pl
     assert loaded.preprocess(clip(2, 112, 112)).grid == (6, 6)  # 112x112 capped to 84x84 px
 
 
+@pytest.mark.slow
 def test_three_b_sizes_reproduce_the_stock_vision_tower_and_logits():
     """Qwen2.5-VL-3B's config (real vocab), depth cut to 2 vision blocks (block 1 full attention) and
     2 decoder layers; 4 frames of 112x112 px -> 196x196 px: 2 rows of 14x14 patches, 4 windows each."""

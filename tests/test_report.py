@@ -257,3 +257,44 @@ def test_fidelity_is_top1_percent_else_negative_kl_with_an_exact_baseline(rows):
 def test_plot_without_data_still_writes_an_explanatory_image(rows, tmp_path):
     plot_tokens_per_layer([rows[2]], tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_ghost_runs_show_killed_superseded_attempts_are_hidden_and_impossible_speedups_flagged(tmp_path):
+    """A run left RUNNING by a process that is gone shows KILLED; a configuration attempted twice shows once;
+    a speedup above what the FLOPs allow (+10%) is marked suspect."""
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    s = Store(f"sqlite:///{tmp_path / 'm.db'}", (tmp_path / "artifacts").as_uri())
+    exp = s.experiment("ghosts")
+    parent = s.parent(exp, "ghosts", kind="sweep")
+    s.child(exp, parent, "uncompressed", BASELINE)
+    # exact FLOPs at 50% of the baseline's allow x2.00; x889.9/300 = x2.97 is more than 10% above that
+    s.child(exp, parent, "too_fast", {**TOPK, "flops.exact.total_T": 40.0, "ttft.total_ms": 300.0})
+    s.child(exp, parent, "fair", {**TOPK, "flops.exact.total_T": 40.0, "ttft.total_ms": 460.0})  # x1.93
+    first = s.child(exp, parent, "retried", {}, status="KILLED", error="interrupted (KeyboardInterrupt)")
+    second = s.child(exp, parent, "retried", FASTV)  # the same configuration (hash), resumed and finished
+    for run_id in (first, second):
+        s.client.set_tag(run_id, "tokcomp.config_hash", "abc")
+    ghost = s.child(exp, parent, "ghost", {}, status="FINISHED")
+    s.client.update_run(ghost, status="RUNNING")  # as a kill -9 leaves it
+    s.client.set_tag(ghost, "tokcomp.host", socket.gethostname())
+    s.client.set_tag(ghost, "tokcomp.pid", str(gone.pid))
+    rows = collect(s.client, s.client.get_run(parent))
+    assert [r.label for r in rows] == ["uncompressed", "too_fast", "fair", "retried", "ghost"]
+    assert rows[3].run_id == second  # the finished attempt, not the killed one
+    assert len(collect(s.client, s.client.get_run(parent), attempts=True)) == 6
+    cells = table_cells(comparison_table(rows))
+    assert cells["ghost"]["note"] == f"KILLED: process {gone.pid} on {socket.gethostname()} ended without finishing this run"
+    assert cells["too_fast"]["note"] == "suspect: x2.97 > FLOPs-ideal x2.00"
+    assert cells["fair"]["note"] == "" and cells["retried"]["note"] == ""
+    out = tmp_path / "out"
+    out.mkdir()
+    from tokcomp.report import write_csv
+
+    with write_csv(rows, out / "c.csv").open() as f:
+        records = {r["label"]: r for r in csv.DictReader(f)}
+    assert float(records["too_fast"]["flops.ideal_speedup"]) == pytest.approx(2.0)
+    assert records["too_fast"]["note"].startswith("suspect") and "repeat.ttft.total_ms" not in records["fair"]

@@ -129,3 +129,103 @@ def test_default_tracking_uri_is_a_sqlite_file_under_results(monkeypatch, tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     assert resolve_tracking_uri(None) == "sqlite:///elsewhere.db"
     assert resolve_tracking_uri("sqlite:///cfg.db") == "sqlite:///cfg.db"
+
+
+def test_every_repeat_is_kept_with_median_min_max_and_spread(experiment):
+    result, client = experiment
+    run = children(client, result)["pooled"]
+    history = client.get_metric_history(run.info.run_id, "repeat.ttft.total_ms")
+    assert sorted(m.step for m in history) == [0, 1]  # one step per timed repeat
+    values = sorted(m.value for m in history)
+    metrics = run.data.metrics
+    assert metrics["ttft.total_ms"] == pytest.approx(sum(values) / 2)  # the median of two
+    assert (metrics["ttft.total_ms_min"], metrics["ttft.total_ms_max"]) == pytest.approx(tuple(values))
+    assert metrics["ttft.total_ms_std"] == pytest.approx((values[1] - values[0]) / 2 ** 0.5)
+    assert metrics["ttft.total_ms_spread"] == pytest.approx((values[1] - values[0]) / metrics["ttft.total_ms"])
+    for name in ("repeat.ttft.vision_ms", "repeat.ttft.prefill_ms", "repeat.time.decode_ms", "repeat.sequence"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == 2, name
+
+
+def test_timed_repeats_are_interleaved_across_configurations(experiment):
+    """Repeat k of every configuration runs before repeat k+1 of any (``repeat.sequence``: place in the schedule)."""
+    result, client = experiment
+    places = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, "repeat.sequence")}
+              for name, run in children(client, result).items() if run.info.status == "FINISHED"}
+    assert set(places) == {"uncompressed", "pooled", "fastv"}
+    assert max(p[0] for p in places.values()) < min(p[1] for p in places.values())
+    assert places["uncompressed"][0] < places["pooled"][0] < places["fastv"][0]  # in configuration order
+
+
+PROBE_PLUGIN = textwrap.dedent("""
+    from dataclasses import dataclass
+    from pathlib import Path
+    from tokcomp.hookspecs import hookimpl
+    from tokcomp.strategy import Strategy
+
+    @dataclass
+    class Probe(Strategy):
+        \"\"\"Appends its tag to a file at every pass; raises at pass ``fail_at`` (0: never).\"\"\"
+        name = "probe"
+        tag: str = ""
+        log: str = ""
+        fail_at: int = 0
+
+        @hookimpl
+        def tokcomp_pre_llm(self, state):
+            with open(self.log, "a") as f:
+                f.write(self.tag)
+            if self.fail_at and Path(self.log).read_text().count(self.tag) == self.fail_at:
+                raise RuntimeError(f"probe {self.tag} fails at pass {self.fail_at}")
+
+    @hookimpl
+    def tokcomp_register_strategies(register):
+        register(Probe)
+""")
+
+
+def probe_experiment(folder, order: str, fail_at: int = 0):
+    (folder / "probe.py").write_text(PROBE_PLUGIN)
+    log = folder / f"calls-{order}.txt"
+
+    def probe(tag: str, fail: int = 0) -> str:
+        return f"{{strategies: [{{name: probe, params: {{tag: {tag}, log: '{log}', fail_at: {fail}}}}}]}}"
+
+    (folder / f"{order}.yaml").write_text(textwrap.dedent(f"""
+        name: probe-{order}
+        input: {{frames: 2, generated: {{length: 8, height: 32, width: 32}}}}
+        generation: {{max_new_tokens: 2, min_new_tokens: 2}}
+        timing: {{warmup: 1, repeats: 2, order: {order}}}
+        tracking: {{enabled: false}}
+        plugins: [probe.py]
+        configurations:
+          a: {probe("a")}
+          b: {probe("b", fail_at)}
+          c: {probe("c")}
+    """))
+    result = ExperimentRunner(load_experiment(folder / f"{order}.yaml")).run(log=lambda _: None)
+    return result, log.read_text()
+
+
+def test_interleaved_order_warms_up_each_configuration_then_runs_the_repeats_in_rounds(tmp_path):
+    interleaved, calls = probe_experiment(tmp_path, "interleaved")
+    assert calls == "abc" + "abc" + "abc" + "abc"  # warm-ups, repeat 1, repeat 2, then each fidelity pass
+    sequential, calls = probe_experiment(tmp_path, "sequential")
+    assert calls == "aaa" + "bbb" + "ccc"  # per configuration: repeat 1, repeat 2, fidelity pass
+    for a, b in zip(interleaved.configurations, sequential.configurations, strict=True):
+        assert (a.name, a.status, a.new_ids, a.ledger) == (b.name, b.status, b.new_ids, b.ledger)
+
+
+def test_a_configuration_failing_in_a_later_repeat_is_failed_and_the_others_go_on(tmp_path):
+    result, calls = probe_experiment(tmp_path, "interleaved", fail_at=3)  # b: warm-up, repeat 1, fails in repeat 2
+    assert calls == "abc" + "abc" + "abc" + "ac"
+    statuses = {r.name: r.status for r in result.configurations}
+    assert statuses == {"uncompressed": "FINISHED", "a": "FINISHED", "b": "FAILED", "c": "FINISHED"}
+    assert result.configurations[2].error == "RuntimeError: probe b fails at pass 3"
+    assert "fidelity.kl" in result.configurations[3].metrics and result.failed == ["b"]
+
+
+def test_an_unknown_timing_order_is_refused_with_the_valid_ones():
+    from tokcomp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"Invalid value 'random', expected one of \[interleaved, sequential\]"):
+        load_experiment(None, ["timing.order=random"])

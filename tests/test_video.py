@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokcomp.errors import InputError
-from tokcomp.video import generate_video, read_video, uniform_frame_indices, write_video
+from tokcomp.video import generate_video, read_video, uniform_frame_indices, video_size, write_video
 
 
 def test_uniform_sampling_includes_first_and_last_frame():
@@ -41,6 +41,10 @@ def test_decoded_file_returns_requested_frames(tmp_path):
 def test_missing_corrupt_and_short_videos_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_video(tmp_path / "none.mp4", 4)
+    with pytest.raises(InputError, match="is a directory, not a video file"):
+        read_video(tmp_path, 4)
+    with pytest.raises(InputError, match="is a directory"):
+        video_size(tmp_path)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 50)
     with pytest.raises(InputError, match="cannot be decoded"):

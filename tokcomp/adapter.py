@@ -138,3 +138,4 @@ class ModelDescription:
     contiguous_positions: bool
     attention_pairs: Any = None  # Callable[[int, int, int, VideoInput], int | None] | None
     vision_hidden: int = 0
+    context_length: int | None = None  # positions the LLM was trained for (text max_position_embeddings)

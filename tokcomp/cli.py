@@ -50,12 +50,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tokcomp.config import load_experiment, to_yaml
+    from tokcomp.preflight import check_experiment, check_experiment_file
     from tokcomp.runner import ExperimentRunner, format_table
 
+    check_experiment_file(args.experiment)
     cfg = load_experiment(args.experiment, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    check_experiment(cfg, experiment_file=args.experiment)  # before the tracking store or a results folder
     runner = ExperimentRunner(cfg, trace=args.trace_hooks, experiment_file=args.experiment)
     result = runner.run(log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(result.configurations))
@@ -69,10 +72,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from tokcomp.preflight import check_experiment_file
     from tokcomp.runner import format_table
     from tokcomp.sweep import SweepRunner
 
+    check_experiment_file(args.experiment)
     sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks)
+    check_sweep(sweep)
     result = sweep.run(log=lambda msg: tqdm_write(msg), progress=not args.no_progress)
     print(format_table(result.configurations))
     if result.tracking_uri:
@@ -83,31 +89,80 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_sweep(sweep) -> None:
+    """Each point's config checked before the sweep's parent run exists: a strategy that cannot be built
+    (an unknown name or parameter, in any point) is refused; a sweep none of whose points passes the
+    other checks is refused with the first point's error (a mix runs, and records the bad points)."""
+    from tokcomp.config import load_experiment
+    from tokcomp.plugins import Plugins
+    from tokcomp.preflight import check_experiment
+    from tokcomp.runner import build_strategies
+
+    errors = []
+    for point in sweep.points:
+        cfg = load_experiment(sweep.experiment_file, [*sweep.fixed, *point])
+        plugins = Plugins(list(cfg.plugins))
+        preset = plugins.model(cfg.model.preset)
+        build_strategies(plugins, cfg)
+        try:
+            check_experiment(cfg, preset, experiment_file=sweep.experiment_file)
+        except TokcompError as exc:
+            errors.append(exc)
+    if errors and len(errors) == len(sweep.points):
+        raise errors[0]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tokcomp.preflight import check_experiment_file, check_tracking_uri
+    from tokcomp.report import _configured_uri, _is_yaml
+    from tokcomp.report import cmd_compare as compare
+
+    if args.target is not None and _is_yaml(args.target):
+        check_experiment_file(args.target)
+    check_tracking_uri(args.tracking_uri or _configured_uri(args.target), must_exist=True)
+    return compare(args)
+
+
 def tqdm_write(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokcomp", description=__doc__)
-    parser.add_argument("--trace-hooks", action="store_true", default=None,
-                        help="print every plugin hook call (also: TOKCOMP_TRACE_HOOKS=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with tokcomp's error format: one line naming the bad argument, and where help is."""
 
-    p_list = sub.add_parser("list", help="list registered strategies or model presets")
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _trace_option(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--trace-hooks", action="store_true", default=default,
+                        help="print every plugin hook call, with shapes and counts (also: TOKCOMP_TRACE_HOOKS=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="tokcomp", description=__doc__)
+    _trace_option(parser, None)
+    # global options work after the subcommand too (``tokcomp run --trace-hooks X.yaml``)
+    common = argparse.ArgumentParser(add_help=False)
+    _trace_option(common, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,flops,compare}")
+
+    p_list = sub.add_parser("list", parents=[common], help="list registered strategies or model presets")
     p_list.add_argument("what", choices=["strategies", "models"])
     p_list.add_argument("pattern", nargs="?", default=None, help="wildcard pattern, e.g. 'fast*'")
     p_list.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load a local plugin file")
     p_list.set_defaults(func=cmd_list)
 
-    p_run = sub.add_parser("run", help="run an experiment YAML, with key=value overrides")
+    p_run = sub.add_parser("run", parents=[common], help="run an experiment YAML, with key=value overrides")
     p_run.add_argument("experiment", help="experiment YAML file")
     p_run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. input.frames=8 model.dtype=bfloat16")
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p_run.set_defaults(func=cmd_run)
 
-    p_sweep = sub.add_parser("sweep", help="run a grid of comma-list overrides as one resumable parent run")
+    p_sweep = sub.add_parser("sweep", parents=[common],
+                             help="run a grid of comma-list overrides as one resumable parent run")
     p_sweep.add_argument("experiment", help="experiment YAML file")
     p_sweep.add_argument("overrides", nargs="*", help="e.g. configurations.c.strategies.0.params.ratio=0.25,0.1")
     p_sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -115,25 +170,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tokcomp.flops_cli import add_flops_arguments, cmd_flops
 
-    p_flops = sub.add_parser("flops", help="analytic FLOPs (paper and exact protocols), no weights or video needed")
+    p_flops = sub.add_parser("flops", parents=[common],
+                             help="analytic FLOPs (paper and exact protocols), no weights or video needed")
     add_flops_arguments(p_flops)
     p_flops.set_defaults(func=cmd_flops)
 
-    from tokcomp.report import add_compare_arguments, cmd_compare
+    from tokcomp.report import add_compare_arguments
 
-    p_compare = sub.add_parser("compare", help="compare the configurations of a run or sweep from MLflow: table and plots")
+    p_compare = sub.add_parser("compare", parents=[common],
+                               help="compare the configurations of a run or sweep from MLflow: table and plots")
     add_compare_arguments(p_compare)
     p_compare.set_defaults(func=cmd_compare)
     return parser
 
 
+def _place_extras(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
+    """Positionals given after an option (``list strategies --plugin f.py 'keep*'``, ``run X.yaml
+    --print-config a=b``): argparse leaves them over; they belong to the trailing positional."""
+    unknown = [e for e in extras if e.startswith("-") and e != "-"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if isinstance(getattr(args, "overrides", None), list):
+        args.overrides.extend(extras)
+    elif args.command == "list" and args.pattern is None and len(extras) == 1:
+        args.pattern = extras[0]
+    elif args.command == "compare" and args.target is None and len(extras) == 1:
+        args.target = extras[0]
+    else:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message on one line (YAML parser messages span several)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            _place_extras(parser, args, extras)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return args.func(args)
-    except TokcompError as exc:
-        print(f"tokcomp: error: {exc}", file=sys.stderr)
+    except (TokcompError, OmegaConfBaseException) as exc:  # OmegaConf: a config value a check did not foresee
+        print(f"tokcomp: error: {one_line(exc) if isinstance(exc, TokcompError) else str(exc).splitlines()[0]}",
+              file=sys.stderr)
         return 2
 
 

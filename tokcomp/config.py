@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,20 @@ class GenerationConfig:
     min_new_tokens: int = 0
 
 
+class TimingOrder(StrEnum):
+    """How the timed passes of one run's (or one sweep point's) configurations follow each other."""
+
+    interleaved = "interleaved"  # repeat k of every configuration before repeat k+1 of any: drift hits all alike
+    sequential = "sequential"  # all repeats of one configuration, then the next
+
+
 @dataclass
 class TimingConfig:
-    warmup: int = 1  # untimed passes of the uncompressed model before the first configuration
-    repeats: int = 1  # timed passes per configuration; the median of each timing is reported
+    # untimed passes: interleaved, of each configuration before the timed rounds; sequential, of the
+    # uncompressed model before the first configuration
+    warmup: int = 1
+    repeats: int = 1  # timed passes per configuration; median, min, max and spread are reported
+    order: TimingOrder = TimingOrder.interleaved
 
 
 @dataclass

@@ -58,10 +58,16 @@ def _spec(args: argparse.Namespace):
 def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
     from tokcomp.plan import schedule_ledger
     from tokcomp.plugins import Plugins
+    from tokcomp.preflight import check_weights
 
     if args.frames < 1:
         raise ConfigError(f"--frames must be at least 1, got {args.frames}")
+    for option in ("height", "width", "text_tokens"):
+        value, least = getattr(args, option), 0 if option == "text_tokens" else 1
+        if value is not None and value < least:
+            raise ConfigError(f"--{option.replace('_', '-')} must be at least {least}, got {value}")
     preset = Plugins().model(args.model)
+    check_weights(args.weights, preset, what="--weights")
     description = preset.describe(_spec(args))
     text = args.text_tokens
     if text is None:
@@ -76,11 +82,18 @@ def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | s
     from tokcomp.config import load_experiment
     from tokcomp.plan import ScheduleUnknown, plan_ledger
     from tokcomp.plugins import Plugins
+    from tokcomp.preflight import check_experiment, check_tracking_uri
     from tokcomp.runner import build_strategies
 
     cfg = load_experiment(args.experiment, args.overrides)
     plugins = Plugins(list(cfg.plugins))
-    description = plugins.model(cfg.model.preset).describe(cfg.model)
+    preset = plugins.model(cfg.model.preset)
+    check_experiment(cfg, preset, args.experiment, run=False)
+    if args.text_tokens is not None and args.text_tokens < 0:
+        raise ConfigError(f"--text-tokens must be at least 0, got {args.text_tokens}")
+    if args.from_run:
+        check_tracking_uri(cfg.tracking.uri, must_exist=True)
+    description = preset.describe(cfg.model)
     dims = description.dims
     text = args.text_tokens if args.text_tokens is not None else description.count_prompt(cfg.input.prompt)
     height, width = _video_size(cfg)

@@ -7,6 +7,7 @@ calls is switched on by ``trace=True`` (CLI ``--trace-hooks``) or ``TOKCOMP_TRAC
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib.metadata
 import importlib.util
@@ -38,9 +39,60 @@ class Registered:
     distribution: str
 
 
+def summarize(value: Any, depth: int = 0) -> str:
+    """A one-line description of a hook argument: shapes and counts, never tensor contents."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor (or array)
+        dtype = str(value.dtype).removeprefix("torch.")
+        text = f"{dtype}{list(value.shape)}"
+        if dtype == "bool" and hasattr(value, "sum"):
+            text += f" ({int(value.sum())} true)"
+        return text
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if depth >= 2:
+            return type(value).__name__
+        parts = [f"{f.name}={summarize(getattr(value, f.name), depth + 1)}" for f in dataclasses.fields(value)
+                 if not (f.default is None and getattr(value, f.name) is None)]
+        return f"{type(value).__name__}({', '.join(parts)})"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        if depth >= 2:
+            return f"dict[{len(value)}]"
+        return "{" + ", ".join(f"{k}: {summarize(v, depth + 1)}" for k, v in list(value.items())[:4]) + (
+            ", ..." if len(value) > 4 else "") + "}"
+    if isinstance(value, list | tuple) and not (value and all(isinstance(v, int | float) for v in value)
+                                                and len(value) <= 4):
+        return f"{type(value).__name__}[{len(value)}]"
+    if callable(value):
+        return getattr(value, "__name__", type(value).__name__)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _enable_tracing(pm: pluggy.PluginManager) -> None:
-    pm.trace.root.setwriter(sys.stderr.write)
-    pm.enable_tracing()
+    """One line per hook call (the implementations called, each argument's shapes and counts) and one
+    more when a call changed an argument (shown as it left) or failed."""
+    calls: list[str] = []
+
+    def describe(kwargs) -> str:
+        return ", ".join(f"{k}={summarize(v)}" for k, v in kwargs.items())
+
+    def before(hook_name, hook_impls, kwargs) -> None:
+        text = describe(kwargs)
+        calls.append(text)
+        names = ",".join(getattr(i.plugin, "name", None) or i.plugin_name.split(":")[-1] for i in hook_impls)
+        sys.stderr.write(f"[hook] {hook_name} -> {names or '(none)'}: {text}\n")
+
+    def after(outcome, hook_name, hook_impls, kwargs) -> None:
+        text = calls.pop()
+        if outcome.exception is not None:
+            sys.stderr.write(f"[hook] {hook_name} raised {type(outcome.exception).__name__}: {outcome.exception}\n")
+            return
+        now = describe(kwargs)
+        if now != text:
+            sys.stderr.write(f"[hook] {hook_name} left: {now}\n")
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 def tracing_requested(trace: bool | None = None) -> bool:

@@ -4,6 +4,11 @@ Everything is read back from the tracking store (never from the runner's memory)
 be made later, on another machine, for any parent run. Ratios and speedups are always relative to
 the uncompressed baseline of the same sweep point: a configuration at 8 frames is never compared
 with a baseline at 32.
+
+A configuration attempted more than once (a sweep resumed after an interruption or a failure)
+shows once: its FINISHED attempt, else its latest. A run still RUNNING whose process is gone is
+shown KILLED. A speedup more than 10% above what the FLOPs allow (baseline exact FLOPs over the
+configuration's) is flagged as suspect: timing noise, or work the FLOPs count does not see.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokcomp.errors import ConfigError, UnknownNameError
 from tokcomp.tables import render_table
-from tokcomp.tracking import resolve_tracking_uri
+from tokcomp.tracking import DEAD, describe_owner, open_client, owner_state, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -42,8 +47,10 @@ TABLE_HEADER = ["configuration", "retained", "FLOPs paper T", "paper %", "FLOPs 
 TABLE_LEGEND = (
     "paper % / exact %: FLOPs (paper protocol / exact count) as a share of the baseline's; speedup: baseline "
     "TTFT / TTFT;\nKL, top-1 (agreement) and exact match compare with the baseline's output. Every ratio uses "
-    "the baseline of the same sweep point. '-': not recorded."
+    "the baseline of the same sweep point. '-': not recorded.\nsuspect: a speedup over 10% above the FLOPs-ideal "
+    "one (baseline exact FLOPs / exact FLOPs)."
 )
+SUSPECT_MARGIN = 0.10  # a speedup this much above the FLOPs-ideal one is flagged
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Row:
     strategies: str
     start_time: int
     metrics: dict[str, float] = field(default_factory=dict)
+    config_hash: str = ""  # the identity of the configuration at its point (attempts share it)
+    reuses: str = ""  # a baseline that reuses another point's run: that run's id
     load_ledger: Callable[[], dict[str, Any] | None] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -137,10 +146,13 @@ def _latest_parent(client: MlflowClient, experiment_ids: list[str], where: str) 
 
 # --- reading the children ---------------------------------------------------------------------
 
-def collect(client: MlflowClient, parent: Run) -> list[Row]:
-    """The parent's configuration runs: per sweep point (in run order), baseline first, then by start."""
+def collect(client: MlflowClient, parent: Run, attempts: bool = False) -> list[Row]:
+    """The parent's configuration runs: per sweep point (in run order), baseline first, then by start.
+    One row per configuration (its FINISHED attempt, else its latest), or with ``attempts`` every run."""
     runs = _search_all(client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     rows = [_row(client, run) for run in runs]
+    if not attempts:
+        rows = latest_attempts(rows)
     first_start: dict[str, int] = {}
     for row in sorted(rows, key=lambda r: r.start_time):
         first_start.setdefault(row.point, row.start_time)
@@ -157,16 +169,38 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
             return runs
 
 
+def latest_attempts(rows: list[Row]) -> list[Row]:
+    """One row per configuration of a sweep point: the FINISHED attempt if there is one, else the latest."""
+    best: dict[tuple[str, str], Row] = {}
+    for row in sorted(rows, key=lambda r: r.start_time):
+        key = (row.point, row.config_hash or row.label)
+        current = best.get(key)
+        if current is None or row.finished or not current.finished:
+            best[key] = row
+    return list(best.values())
+
+
 def _row(client: MlflowClient, run: Run) -> Row:
     tags = run.data.tags
     configuration = tags.get("tokcomp.configuration", tags.get("mlflow.runName", run.info.run_id))
     # Runs logged before the tokcomp.baseline tag existed: the runner's baseline is "uncompressed".
     baseline = tags.get("tokcomp.baseline", str(configuration == "uncompressed").lower()) == "true"
+    status, error = run.info.status, tags.get("tokcomp.error", "")
+    if status == "RUNNING":  # in progress, or left behind by a process that is gone
+        state = owner_state(tags)
+        if state == DEAD:
+            status, error = "KILLED", f"{describe_owner(tags)} ended without finishing this run"
+        elif state == "alive":
+            error = f"in progress ({describe_owner(tags)})"
+        elif "tokcomp.pid" in tags:
+            error = f"started by {describe_owner(tags)}, which cannot be checked from here"
     return Row(
         run_id=run.info.run_id, label=tags.get("tokcomp.label", configuration), configuration=configuration,
-        point=tags.get("tokcomp.sweep_point", ""), status=run.info.status, error=tags.get("tokcomp.error", ""),
+        point=tags.get("tokcomp.sweep_point", ""), status=status, error=error,
         is_baseline=baseline, strategies=tags.get("tokcomp.strategies", ""), start_time=run.info.start_time or 0,
-        metrics=dict(run.data.metrics), load_ledger=lambda: _download_json(client, run.info.run_id, "ledger.json"),
+        metrics=dict(run.data.metrics), config_hash=tags.get("tokcomp.config_hash", ""),
+        reuses=tags.get("tokcomp.reuses_run", ""),
+        load_ledger=lambda: _download_json(client, run.info.run_id, "ledger.json"),
     )
 
 
@@ -205,6 +239,18 @@ def speedup(row: Row, base: Row | None) -> float | None:
     return 1 / slowdown if slowdown else None
 
 
+def ideal_speedup(row: Row, base: Row | None) -> float | None:
+    """The speedup the FLOPs allow: baseline exact FLOPs over this configuration's."""
+    share = ratio(row, base, "flops.exact.total_T")
+    return 1 / share if share else None
+
+
+def suspect(row: Row, base: Row | None) -> bool:
+    """A measured speedup more than ``SUSPECT_MARGIN`` above the FLOPs-ideal one."""
+    measured, ideal = speedup(row, base), ideal_speedup(row, base)
+    return measured is not None and ideal is not None and measured > ideal * (1 + SUSPECT_MARGIN)
+
+
 # --- the table and the CSV ---------------------------------------------------------------------
 
 def _tera(value: float | None) -> str:
@@ -232,15 +278,19 @@ def _table_cells(row: Row, base: Row | None) -> list[str]:
         _fmt(m.get("ttft.total_ms"), "{:.1f}"), _fmt(speedup(row, base), "x{:.2f}"),
         _fmt(m.get("throughput.tokens_per_s"), "{:.1f}"), _fmt(m.get("fidelity.kl"), "{:.4f}"),
         _fmt(_percent(m.get("fidelity.top1_agreement")), "{:.1f}%"), _yes_no(m.get("fidelity.exact_match")),
-        _note(row),
+        _note(row, base),
     ]
 
 
-def _note(row: Row) -> str:
+def _note(row: Row, base: Row | None = None) -> str:
     if not row.finished:
         first_line = row.error.strip().splitlines()[0] if row.error.strip() else "no error recorded"
         return f"{row.status}: {_shorten(first_line, 80)}"
-    return "baseline" if row.is_baseline else ""
+    if row.is_baseline:
+        return f"baseline (reuses run {row.reuses[:8]})" if row.reuses else "baseline"
+    if suspect(row, base):
+        return f"suspect: x{speedup(row, base):.2f} > FLOPs-ideal x{ideal_speedup(row, base):.2f}"
+    return ""
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -262,19 +312,21 @@ def _shorten(text: str, limit: int) -> str:
 def write_csv(rows: list[Row], path: Path) -> Path:
     """Every recorded metric, raw, plus the baseline ratios: for spreadsheets and scripts."""
     bases = baselines(rows)
-    extra = sorted({k for row in rows for k in row.metrics} - set(METRICS))
+    # repeat.* hold one value per repeat (metric history); the run's metrics keep only the last
+    extra = sorted({k for row in rows for k in row.metrics if not k.startswith("repeat.")} - set(METRICS))
     header = ["run_id", "label", "configuration", "sweep_point", "status", "baseline", "strategies", *METRICS,
-              *extra, "flops.paper.ratio", "flops.exact.ratio", "ttft.speedup", "error"]
+              *extra, "flops.paper.ratio", "flops.exact.ratio", "ttft.speedup", "flops.ideal_speedup",
+              "reuses_run", "note", "error"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
             base = bases.get(row.point)
             derived = [ratio(row, base, "flops.paper.total_T"), ratio(row, base, "flops.exact.total_T"),
-                       speedup(row, base)]
+                       speedup(row, base), ideal_speedup(row, base)]
             writer.writerow([row.run_id, row.label, row.configuration, row.point, row.status, row.is_baseline,
                              row.strategies, *(row.metrics.get(k) for k in (*METRICS, *extra)),
-                             *derived, row.error])
+                             *derived, row.reuses, _note(row, base) if row.finished else "", row.error])
     return path
 
 
@@ -326,13 +378,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
     # The report downloads one small ledger per configuration: no progress bar for each.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_tracking_uri(args.tracking_uri or _configured_uri(args.target))
     _require_store(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)  # under the store's lock: a store being created by a run is not half-read
     parent = find_parent_run(client, args.target)
     rows = collect(client, parent)
     if not rows:

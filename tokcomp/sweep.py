@@ -5,13 +5,25 @@ running all of the experiment's configurations. The parent run is keyed by the r
 config and the grid, so running the same sweep again finds it, skips every configuration that
 already FINISHED there (by the hash of its resolved config) and retries the rest: an interrupted
 or partly failed sweep resumes without losing anything.
+
+Nothing is left dangling: on resume, the runs of the sweep still RUNNING whose process is gone
+(same host, pid no longer alive: a ``kill -9``, a crash) are marked KILLED before anything runs.
+A sweep still running on this host is not resumed a second time; one left RUNNING by a process on
+another host, which cannot be checked from here, is resumed only when asked explicitly
+(``SweepRunner(..., resume=True)``, or ``TOKCOMP_RESUME=1``).
+
+The uncompressed baseline depends only on the model, input, generation and timing: grid points
+that share those run it once, and the later points record a baseline run that reuses it (tag
+``tokcomp.reuses_run``), with its metrics, for their comparisons.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+import os
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -27,11 +39,28 @@ from tokcomp.runner import (
     ConfigurationResult,
     ExperimentResult,
     ExperimentRunner,
+    SharedBaseline,
+    artifact_errors,
+    baseline_key,
+    check_tracking,
     config_hash,
-    format_table,
+    describe_stop,
+    end_status,
+    finish_parent,
     open_tracker,
 )
-from tokcomp.tracking import Tracker, machine_tags
+from tokcomp.tracking import (
+    ALIVE,
+    UNKNOWN,
+    Tracker,
+    TrackingError,
+    describe_owner,
+    machine_tags,
+    owner_state,
+    terminate_cleanly,
+)
+
+RESUME_ENV = "TOKCOMP_RESUME"
 
 
 def split_top_level(raw: str) -> list[str]:
@@ -91,7 +120,8 @@ def sweep_key(cfg_yaml: str, points: list[list[str]]) -> str:
 
 
 class SweepRunner:
-    def __init__(self, experiment_file: str, overrides: list[str], trace: bool | None = None):
+    def __init__(self, experiment_file: str, overrides: list[str], trace: bool | None = None,
+                 resume: bool | None = None):
         self.experiment_file = experiment_file
         self.fixed, self.points = expand_grid(overrides)
         self.base = load_experiment(experiment_file, self.fixed)
@@ -99,85 +129,145 @@ class SweepRunner:
             load_experiment(experiment_file, [*self.fixed, *point])
         self.trace = trace
         self.key = sweep_key(OmegaConf.to_yaml(self.base), self.points)
+        # explicit resume: also take over runs whose process cannot be checked from here (another host)
+        self.resume = resume if resume is not None else os.environ.get(RESUME_ENV, "").lower() in ("1", "true", "yes")
 
-    def _find_parent(self, tracker) -> str | None:
+    def _find_parent(self, tracker) -> Any:
         if not isinstance(tracker, Tracker):  # tracking disabled: nothing to resume from
             return None
         runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`tokcomp.sweep_key` = '{self.key}'",
                                           order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
-    def _finished_children(self, tracker, parent: str) -> dict[str, Callable[[bool], ConfigurationResult]]:
+    @staticmethod
+    def _children(tracker, parent: str) -> list[Any]:
+        runs, token = [], None
+        while True:
+            page = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                                              max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _claim(self, tracker, parent: Any, log: Callable[[str], None]) -> None:
+        """Take over the sweep's parent run. Its runs still RUNNING must belong to processes that are
+        gone (they are marked KILLED); one still alive here means the sweep is running: an error, as is
+        one on another host unless the resume is explicit."""
+        parent_id = parent.info.run_id
+        running = [run for run in [parent, *self._children(tracker, parent_id)] if run.info.status == "RUNNING"]
+        for run in running:
+            state, owner = owner_state(run.data.tags), describe_owner(run.data.tags)
+            if state == ALIVE:
+                raise TrackingError(f"this sweep is running now ({owner}, run {run.info.run_id} of parent run "
+                                    f"{parent_id}): wait for it, or stop it before resuming")
+            if state == UNKNOWN and not self.resume:
+                raise TrackingError(
+                    f"run {run.info.run_id} of this sweep (parent run {parent_id}) is RUNNING, started by {owner}, "
+                    f"which cannot be checked from here: if it is no longer running, resume explicitly "
+                    f"({RESUME_ENV}=1)")
+        for run in running:
+            if run.info.run_id != parent_id:
+                tracker.abandon(run.info.run_id, "KILLED", f"{describe_owner(run.data.tags)} ended without finishing "
+                                                           f"this run (found when the sweep resumed)")
+        if running:
+            log(f"marked {len(running)} run(s) left RUNNING by a process that is gone KILLED")
+        tracker.take_over(parent_id)
+
+    def _finished_children(self, tracker, runs: list[Any]) -> dict[str, Callable[[bool], ConfigurationResult]]:
         """config hash -> loader of the earlier FINISHED result (``loader(True)`` also reads its outputs)."""
-        runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
         done = {}
         for run in runs:
             if run.info.status == "FINISHED" and "tokcomp.config_hash" in run.data.tags:
                 done[run.data.tags["tokcomp.config_hash"]] = partial(self._load_result, tracker, run)
         return done
 
+    def _shared_baselines(self, tracker, runs: list[Any]) -> dict[str, SharedBaseline]:
+        """Baseline key -> the FINISHED baseline run (not itself a reuse) later points can reuse."""
+        shared = {}
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            tags = run.data.tags
+            if run.info.status == "FINISHED" and tags.get("tokcomp.baseline_key") and not tags.get("tokcomp.reuses_run"):
+                load = functools.cache(partial(self._load_result, tracker, run, True))
+                shared.setdefault(tags["tokcomp.baseline_key"], SharedBaseline(run.info.run_id, load))
+        return shared
+
     @staticmethod
     def _load_result(tracker, run: Any, outputs: bool) -> ConfigurationResult:
-        result = ConfigurationResult(run.data.tags["tokcomp.configuration"], "FINISHED", run.info.run_id,
-                                     dict(run.data.metrics))
-        if outputs:  # a baseline the remaining runs are compared with
-            generation = tracker.load_json(run.info.run_id, "generation.json")
+        tags = run.data.tags
+        result = ConfigurationResult(tags["tokcomp.configuration"], "FINISHED", run.info.run_id, dict(run.data.metrics),
+                                     reuses=tags.get("tokcomp.reuses_run", ""))
+        if outputs:  # a baseline the remaining runs are compared with: its outputs are the source run's
+            source = result.reuses or run.info.run_id
+            generation = tracker.load_json(source, "generation.json")
             result.text, result.new_ids = generation["text"], generation["new_ids"]
-            result.prefill_logits = tracker.load_tensor(run.info.run_id, "prefill_logits.pt")
+            result.prefill_logits = tracker.load_tensor(source, "prefill_logits.pt")
+            try:
+                result.ledger = tracker.load_json(source, "ledger.json")
+            except TrackingError:
+                result.ledger = {}
         return result
 
     def run(self, log: Callable[[str], None] = print, progress: bool = True) -> ExperimentResult:
-        tracker, uri = open_tracker(self.base)
-        parent = self._find_parent(tracker)
-        resumed = parent is not None
-        if parent is None:
-            parent = tracker.start(self.base.name, {**machine_tags(self.base.model.device), "tokcomp.kind": "sweep",
-                                                    "tokcomp.sweep_key": self.key,
-                                                    "tokcomp.experiment_file": str(self.experiment_file)})
-            tracker.log_params(parent, flatten(OmegaConf.to_container(self.base, resolve=True)))
-            tracker.log_json(parent, {"fixed": self.fixed, "points": self.points}, "sweep.json")
-        else:
-            tracker.client.update_run(parent, status="RUNNING")  # resumed
-            log(f"resuming sweep {parent} (finished configurations are skipped)")
-        adapters = AdapterCache()
-        total = sum(len(ExperimentRunner(load_experiment(self.experiment_file, [*self.fixed, *p])).strategies)
-                    for p in self.points) if self.points else 0
-        bar = tqdm(total=total, desc="sweep", disable=not progress, unit="run")
-        results: list[ConfigurationResult] = []
-        try:
-            for point, label in zip(self.points, short_labels(self.points), strict=True):
-                finished = self._finished_children(tracker, parent) if isinstance(tracker, Tracker) else {}
-                results.extend(self._run_point(tracker, parent, point, label, finished, adapters, bar, log))
-            failed = [r.label for r in results if r.status == "FAILED"]
-            tracker.set_tags(parent, {"tokcomp.failed_configurations": ",".join(failed) or "none",
-                                      "tokcomp.resumed": str(resumed).lower()})
-            tracker.log_text(parent, format_table([r for r in results if r.metrics or r.status == "FAILED"]),
-                             "summary.txt")
-            tracker.finish(parent, "FINISHED")
-        except BaseException:
-            tracker.finish(parent, "KILLED")
-            raise
-        finally:
-            bar.close()
-        return ExperimentResult(self.base.name, parent, uri, results)
+        """Run (or resume) the sweep. Ctrl-C and SIGTERM end the runs in progress and the parent KILLED."""
+        with terminate_cleanly():
+            check_tracking(self.base)  # a store or artifact root that cannot be written: before any model
+            tracker, uri = open_tracker(self.base)
+            found = self._find_parent(tracker)
+            resumed, errors = found is not None, []
+            if found is None:
+                parent = tracker.start(self.base.name, {**machine_tags(self.base.model.device),
+                                                        "tokcomp.kind": "sweep", "tokcomp.sweep_key": self.key,
+                                                        "tokcomp.experiment_file": str(self.experiment_file)})
+            else:
+                parent = found.info.run_id
+                self._claim(tracker, found, log)
+                log(f"resuming sweep {parent} (finished configurations are skipped)")
+            adapters = AdapterCache()
+            total = sum(len(ExperimentRunner(load_experiment(self.experiment_file, [*self.fixed, *p])).strategies)
+                        for p in self.points) if self.points else 0
+            bar = tqdm(total=total, desc="sweep", disable=not progress, unit="run")
+            results: list[ConfigurationResult] = []
+            try:
+                if not resumed:
+                    tracker.log_params(parent, flatten(OmegaConf.to_container(self.base, resolve=True)))
+                    errors += artifact_errors(tracker.log_json, parent, {"fixed": self.fixed, "points": self.points},
+                                              "sweep.json")
+                children = self._children(tracker, parent) if isinstance(tracker, Tracker) else []
+                baselines = self._shared_baselines(tracker, children)
+                for point, label in zip(self.points, short_labels(self.points), strict=True):
+                    finished = self._finished_children(tracker, self._children(tracker, parent)) \
+                        if isinstance(tracker, Tracker) else {}
+                    results.extend(self._run_point(tracker, parent, point, label, finished, baselines, adapters, bar,
+                                                   log))
+                error = finish_parent(tracker, parent, results, errors, {"tokcomp.resumed": str(resumed).lower()})
+            except BaseException as exc:
+                tracker.abandon(parent, end_status(exc), describe_stop(exc))
+                raise
+            finally:
+                bar.close()
+        return ExperimentResult(self.base.name, parent, uri, results, error)
 
-    def _run_point(self, tracker, parent, point, label, finished, adapters, bar, log) -> list[ConfigurationResult]:
+    def _run_point(self, tracker, parent, point, label, finished, baselines, adapters, bar,
+                   log) -> list[ConfigurationResult]:
         try:
             cfg = load_experiment(self.experiment_file, [*self.fixed, *point])
             runner = ExperimentRunner(cfg, trace=self.trace, experiment_file=self.experiment_file, adapters=adapters)
-            if all(config_hash(cfg, name) in finished for name in runner.strategies):  # nothing left to run here
-                return runner.run_configurations(tracker, parent, {}, point=label, finished=finished,
-                                                 log=lambda _: None, on_done=lambda: bar.update(1))
+            baseline = next((name for name, strategies in runner.strategies.items() if not strategies), None)
+            if all(config_hash(cfg, name) in finished or (name == baseline and baseline_key(cfg, name) in baselines)
+                   for name in runner.strategies):  # nothing left to run here: no model needed
+                return runner.run_configurations(tracker, parent, {"tokcomp.sweep_overrides": " ".join(point)},
+                                                 point=label, finished=finished, log=lambda _: None,
+                                                 on_done=lambda: bar.update(1), baselines=baselines)
             runner.prepare(log)
         except TokcompError as exc:  # this combination is invalid: record it, go on with the others
             run_id = tracker.start(f"[{label}]", {"tokcomp.kind": "configuration", "tokcomp.configuration": "(point)",
-                                                  "tokcomp.label": f"[{label}]", "tokcomp.sweep_point": label,
-                                                  "tokcomp.error": str(exc)}, parent=parent)
-            tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-            tracker.finish(run_id, "FAILED")
+                                                  "tokcomp.label": f"[{label}]", "tokcomp.sweep_point": label},
+                                   parent=parent)
+            tracker.fail(run_id, str(exc), traceback.format_exc())
             log(f"point [{label}] failed: {exc}")
             bar.update(1)
             return [ConfigurationResult("(point)", "FAILED", run_id, error=str(exc), point=label)]
         tags = {**runner.base_tags(), "tokcomp.sweep_overrides": " ".join(point)}
         return runner.run_configurations(tracker, parent, tags, point=label, finished=finished,
-                                         log=lambda _: None, on_done=lambda: bar.update(1))
+                                         log=lambda _: None, on_done=lambda: bar.update(1), baselines=baselines)

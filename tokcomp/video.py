@@ -25,13 +25,19 @@ def uniform_frame_indices(total: int, count: int) -> list[int]:
     return np.linspace(0, total - 1, count).round().astype(int).tolist()
 
 
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"video file {str(path)!r} is a directory, not a video file")
+    if not path.is_file():
+        raise InputError(f"video file {str(path)!r} does not exist")
+
+
 def read_video(path: str | Path, frames: int) -> Tensor:
     """Decode ``path`` and return ``frames`` uniformly sampled RGB frames, uint8 (T, H, W, 3)."""
     import av
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"video file {str(path)!r} does not exist")
+    _check_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -88,8 +94,7 @@ def video_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of a video file's stream, without decoding it all."""
     import av
 
-    if not Path(path).is_file():
-        raise InputError(f"video file {str(path)!r} does not exist")
+    _check_file(Path(path))
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -103,6 +108,7 @@ def sampled_fps(path: str | Path, frames: int) -> float | None:
     space time by it); None when the container does not say how long the video is."""
     import av
 
+    _check_file(Path(path))
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
