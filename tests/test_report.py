@@ -230,8 +230,9 @@ def test_compare_command_prints_the_table_and_writes_under_results_compare(store
     assert cmd_compare(parser.parse_args(["report-sweep", "--tracking-uri", store.client.tracking_uri])) == 0
     printed = capsys.readouterr().out
     assert "topk_25 [input.frames=16]" in printed and store.ids["sweep"] in printed
-    assert "results/compare/report-sweep/pareto.png" in printed
-    assert (tmp_path / "results/compare/report-sweep/comparison.csv").is_file()
+    folder = f"results/compare/report-sweep/{store.ids['sweep'][:12]}"
+    assert f"{folder}/pareto.png" in printed
+    assert (tmp_path / folder / "comparison.csv").is_file()  # one folder per parent run: nothing overwritten
 
 
 def test_compare_refuses_a_store_that_does_not_exist(tmp_path):

@@ -77,7 +77,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tokcomp.sweep import SweepRunner
 
     check_experiment_file(args.experiment)
-    sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks)
+    sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks, resume=args.resume or None)
     check_sweep(sweep)
     result = sweep.run(log=lambda msg: tqdm_write(msg), progress=not args.no_progress)
     print(format_table(result.configurations))
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("experiment", help="experiment YAML file")
     p_sweep.add_argument("overrides", nargs="*", help="e.g. configurations.c.strategies.0.params.ratio=0.25,0.1")
     p_sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_sweep.add_argument("--resume", action="store_true",
+                         help="take over runs of this sweep left RUNNING by a process on another host")
     p_sweep.set_defaults(func=cmd_sweep)
 
     from tokcomp.flops_cli import add_flops_arguments, cmd_flops
@@ -217,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # runs in progress were already marked KILLED by the runner
+        print("tokcomp: interrupted (runs in progress are marked KILLED; a sweep resumes where it stopped)",
+              file=sys.stderr)
+        return 130
     except (TokcompError, OmegaConfBaseException) as exc:  # OmegaConf: a config value a check did not foresee
         print(f"tokcomp: error: {one_line(exc) if isinstance(exc, TokcompError) else str(exc).splitlines()[0]}",
               file=sys.stderr)

@@ -359,9 +359,11 @@ def _title(client: MlflowClient, parent: Run) -> str:
 
 
 def default_out_dir(client: MlflowClient, parent: Run) -> Path:
-    """``results/compare/<experiment>/``: one folder per experiment, the latest report wins."""
+    """``results/compare/<experiment>/<parent run id>/``: one folder per run or sweep, so comparing
+    another run of the same experiment never overwrites an earlier report."""
     name = client.get_experiment(parent.info.experiment_id).name
-    return Path("results") / "compare" / (re.sub(r"[^\w.-]+", "_", name).strip("._") or "experiment")
+    folder = re.sub(r"[^\w.-]+", "_", name).strip("._") or "experiment"
+    return Path("results") / "compare" / folder / parent.info.run_id[:12]
 
 
 # --- the command -------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class SweepRunner:
                 raise TrackingError(
                     f"run {run.info.run_id} of this sweep (parent run {parent_id}) is RUNNING, started by {owner}, "
                     f"which cannot be checked from here: if it is no longer running, resume explicitly "
-                    f"({RESUME_ENV}=1)")
+                    f"(tokcomp sweep --resume)")
         for run in running:
             if run.info.run_id != parent_id:
                 tracker.abandon(run.info.run_id, "KILLED", f"{describe_owner(run.data.tags)} ended without finishing "
