@@ -55,6 +55,7 @@ class VisionOutput:
     features: Tensor  # (rows, h, w, D_llm), raster order; (rows, 1, n, D) when no grid is left
     stats: dict[str, Tensor]  # name -> (rows, h, w) or (rows, h, w, C), pooled like the features
     specials: Tensor  # (S, D_llm): features of special tokens emitted after the video (may be S = 0)
+    riders: Tensor | None = None  # (rows, h, w, C): per-token features that follow every drop/merge (DeepStack)
 
 
 @dataclass
@@ -107,6 +108,11 @@ class ModelAdapter(Protocol):
     # (ToMe); adapters without them do not declare the "vision_split" capability
     # def vision_attention_block(self, index, hidden, sizes, video) -> Tensor
     # def vision_mlp_block(self, index, hidden, video) -> Tensor
+
+    # optional: models that carry states of some vision layers to the LLM (Qwen3-VL's DeepStack) list them
+    # in ``vision_rider_layers`` and give ``vision_riders(index, hidden, riders, video) -> (rows, tokens, C)``
+    # (the riders so far with this layer's state appended); ``vision_to_llm`` then takes ``riders=`` and
+    # returns ``VisionOutput.riders`` in LLM space, pooled like the features
 
     # language model
     @property

@@ -83,6 +83,9 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     # Adapters whose layers run in their own token order (Qwen's windows) keep the states in it
     # between layers that no hook or statistic looks at; ``state.hidden`` is spatial whenever seen.
     in_order = getattr(adapter, "vision_layer_in_order", None)
+    # Models that carry states of some vision layers to the LLM (Qwen3-VL's DeepStack) capture them as
+    # riders right after those layers, before any hook there, so every later drop or merge applies to them.
+    rider_layers = set(getattr(adapter, "vision_rider_layers", ()))
     flat: Tensor | None = None
     for i in range(info.vision_layers):
         rows, tokens = state.hidden.shape[:2]
@@ -108,11 +111,13 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
             state.hidden = adapter.vision_mlp_block(i, state.hidden, video)
         elif in_order is not None and state.sizes is None and (rows, tokens) == (video.rows, video.grid[0] * video.grid[1]):
             flat = in_order(i, adapter.to_layer_order(state.hidden, video) if flat is None else flat, video)
-            if i in stack.encoder_layers or i == info.vision_layers - 1:
+            if i in stack.encoder_layers or i in rider_layers or i == info.vision_layers - 1:
                 state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video), None
         else:
             state.hidden = adapter.vision_layer(i, state.hidden, _log_sizes(state.sizes), video)
         state.layer, state.position = i, "layer"
+        if i in rider_layers:
+            state.riders = adapter.vision_riders(i, state.hidden, state.riders, video)
         if i in stack.encoder_layers:
             stack.intra_encoder(state)
         for name, at in last_wanted.items():
@@ -123,8 +128,9 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
                 raise StrategyContractError(
                     f"frames or tokens changed after vision layer {last_wanted[name]}, whose {name} a strategy needs")
     ledger.vision_out_frames, ledger.vision_out_tokens_per_frame = state.hidden.shape[:2]
-    out = adapter.vision_to_llm(state.hidden, state.grid, kept, video)
-    tokens = VisualTokens.from_grid(out.features, out.stats, state.frame_sources, state.meta)
+    out = (adapter.vision_to_llm(state.hidden, state.grid, kept, video) if state.riders is None
+           else adapter.vision_to_llm(state.hidden, state.grid, kept, video, riders=state.riders))
+    tokens = VisualTokens.from_grid(out.features, out.stats, state.frame_sources, state.meta, out.riders)
     ledger.pooled_tokens_per_frame = tokens.grid[0] * tokens.grid[1]
     ledger.uncompressed_visual_tokens = video.rows * video.llm_grid[0] * video.llm_grid[1]
     ledger.visual_tokens_before_pre_llm = tokens.num_tokens

@@ -30,6 +30,21 @@ def _as_index(indices: Tensor | list[int], length: int, what: str) -> Tensor:
     return idx
 
 
+def check_riders(where: str, current: Tensor | None, new: Tensor | None, leading: tuple[int, ...]) -> None:
+    """Riders (per-token features a model carries beside the hidden states) must be transformed with them."""
+    if current is None:
+        if new is not None:
+            raise StrategyContractError(f"{where}: riders given, but this model carries none")
+        return
+    if new is None:
+        raise StrategyContractError(
+            f"{where}: this model carries per-token riders (e.g. Qwen3-VL's DeepStack features); a strategy that "
+            "drops or merges tokens must apply the same drop or merge to them (replace(..., riders=...))")
+    if tuple(new.shape[:-1]) != tuple(leading) or new.shape[-1] != current.shape[-1]:
+        raise StrategyContractError(
+            f"{where}: riders must be {(*leading, current.shape[-1])}, got {tuple(new.shape)}")
+
+
 @dataclass
 class EncoderState:
     """Hidden states of all frames after one vision-encoder layer.
@@ -49,6 +64,8 @@ class EncoderState:
     keys: Tensor | None = None  # (frames, tokens, head_dim): this layer's head-averaged keys, on request
     saliency: Tensor | None = None  # (frames, tokens): per-frame mean-query attention, on request
     sizes: Tensor | None = None  # (frames, tokens): merged-token sizes; later layers use proportional attention
+    riders: Tensor | None = None  # (frames, tokens, C): per-token features that follow every drop and merge
+
 
     @property
     def num_frames(self) -> int:
@@ -56,13 +73,16 @@ class EncoderState:
 
     def replace(self, hidden: Tensor, frame_sources: list[list[int]] | None = None,
                 attention: Tensor | None = None, grid: tuple[int, int] | None = None,
-                sizes: Tensor | None = None) -> None:
+                sizes: Tensor | None = None, riders: Tensor | None = None) -> None:
         """Replace the hidden states (fewer frames and/or tokens); dim and dtype must not change.
 
         ``attention``: the received-attention statistic merged the same way (else it is dropped).
         ``grid``: (h, w) with h * w tokens when the tokens form a grid again; a token-count change
         without it leaves no grid, and the adapter then skips the 2x2 pooling. ``sizes``: token
-        sizes for proportional attention in later layers (else none). Keys and saliency are dropped."""
+        sizes for proportional attention in later layers (else none). Keys and saliency are dropped.
+        ``riders``: when the model carries per-token riders (Qwen3-VL's DeepStack states of earlier
+        vision layers), the same drop or merge applied to them; required then, so that no strategy
+        silently desynchronises them from the hidden states."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden.shape[-1]:
             raise StrategyContractError(
                 f"intra-encoder: new hidden states must be (frames, tokens, {self.hidden.shape[-1]}), "
@@ -82,6 +102,7 @@ class EncoderState:
             self.grid = tuple(grid)
         elif hidden.shape[1] != self.hidden.shape[1]:
             self.grid = (0, 0)  # no longer a grid; pooling must know
+        check_riders("intra-encoder", self.riders, riders, hidden.shape[:2])
         for name, value in (("attention", attention), ("sizes", sizes)):
             if value is not None and value.shape != hidden.shape[:2]:
                 raise StrategyContractError(
@@ -90,6 +111,7 @@ class EncoderState:
         self.hidden = hidden.to(self.hidden.dtype)
         self.frame_sources = [list(s) for s in frame_sources]
         self.attention, self.sizes = attention, sizes
+        self.riders = None if riders is None else riders.to(self.riders.dtype)
         self.keys = self.saliency = None
 
 
@@ -118,13 +140,15 @@ class VisualTokens:
     saliency: Tensor | None = None  # (N,): pooled per-frame mean-query attention, on request
     group: Tensor | None = None  # (N,) long labels a strategy sets; reach the LLM as LLMState.visual_group
     original_positions: bool = False  # True: the kept tokens keep their uncompressed position ids (FastVID)
+    riders: Tensor | None = None  # (N, C): per-token features that follow every drop and merge (DeepStack)
 
-    OPTIONAL = ("scores", "keys", "saliency", "group")
+    OPTIONAL = ("scores", "keys", "saliency", "group", "riders")
 
     @classmethod
     def from_grid(cls, features: Tensor, stats: dict[str, Tensor], frame_sources: list[list[int]],
-                  meta: dict | None = None) -> VisualTokens:
-        """Tokens of (rows, h, w, D) grids in raster order, with statistics (rows, h, w[, C]) pooled alike."""
+                  meta: dict | None = None, riders: Tensor | None = None) -> VisualTokens:
+        """Tokens of (rows, h, w, D) grids in raster order, with statistics (rows, h, w[, C]) pooled alike
+        and riders (rows, h, w, C) when the model has them."""
         rows, h, w = features.shape[:3]
         dev = features.device if features.device.type != "meta" else torch.device("cpu")  # labels stay real
         cells = torch.arange(h * w, device=dev).repeat(rows)
@@ -132,7 +156,8 @@ class VisualTokens:
         return cls(features=features.reshape(rows * h * w, -1), frame=torch.arange(rows, device=dev).repeat_interleave(h * w),
                    row=cells // w, col=cells % w, source=torch.arange(rows * h * w, device=dev),
                    frame_sources=[list(f) for f in frame_sources], grid=(h, w), scores=flat.get("attention"),
-                   meta=meta if meta is not None else {}, keys=flat.get("keys"), saliency=flat.get("saliency"))
+                   meta=meta if meta is not None else {}, keys=flat.get("keys"), saliency=flat.get("saliency"),
+                   riders=None if riders is None else riders.reshape(rows * h * w, -1))
 
     @property
     def num_tokens(self) -> int:
@@ -162,10 +187,12 @@ class VisualTokens:
         keys: Tensor | None = None,
         saliency: Tensor | None = None,
         group: Tensor | None = None,
+        riders: Tensor | None = None,
     ) -> None:
         """Replace all tokens at once (for merging strategies); every field must have N entries.
 
-        A merged token takes the geometry (frame, row, col, source) of a representative."""
+        A merged token takes the geometry (frame, row, col, source) of a representative. ``riders``:
+        required when the model carries them (``EncoderState.replace``), merged like the features."""
         n = features.shape[0]
         if features.dim() != 2 or features.shape[1] != self.features.shape[1]:
             raise StrategyContractError(
@@ -178,12 +205,14 @@ class VisualTokens:
         for name, t in named:
             if t is not None and t.shape != (n,):
                 raise StrategyContractError(f"pre-LLM replace: {name} must have shape ({n},), got {tuple(t.shape)}")
+        check_riders("pre-LLM replace", self.riders, riders, (n,))
         if keys is not None and (keys.dim() != 2 or keys.shape[0] != n):
             raise StrategyContractError(f"pre-LLM replace: keys must be ({n}, head_dim), got {tuple(keys.shape)}")
         self.features = features.to(self.features.dtype)
         self.frame, self.row, self.col, self.source = frame.long(), row.long(), col.long(), source.long()
         self.scores, self.keys, self.saliency = scores, keys, saliency
         self.group = None if group is None else group.long()
+        self.riders = None if riders is None else riders.to(self.riders.dtype)
 
     def frame_grid(self, strategy: str) -> Tensor:
         """(frames, h*w) token indices, for strategies that need every frame's full grid in raster order
