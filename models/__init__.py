@@ -31,9 +31,9 @@ def _bundled_dims(name: str, vision: Callable[[dict], str]) -> dict:
 
 
 def _preset(name: str, family: str, module: str, summary: str, dims: dict, hub_id: str | None = None,
-            capabilities: frozenset[str] = frozenset()) -> ModelPreset:
+            capabilities: frozenset[str] = frozenset(), frames: int = 32) -> ModelPreset:
     return ModelPreset(name=name, family=family, summary=summary, capabilities=capabilities, hub_id=hub_id, dims=dims,
-                       build=partial(_call, module, "build", preset=name),
+                       frames=frames, build=partial(_call, module, "build", preset=name),
                        describe=partial(_call, module, "describe", preset=name))
 
 
@@ -55,6 +55,15 @@ def tokcomp_register_models(register):
         register(llava(name, summary=f"LLaVA-OneVision {size.upper()}: weights: random (bundled config) or "
                                      "pretrained / hub id / path",
                        dims=_bundled_dims(name, _siglip), hub_id=f"llava-hf/llava-onevision-qwen2-{size}-ov-hf"))
+    # LLaVA-Video-7B-Qwen2: transformers runs it as LLaVA-OneVision (same adapter); it samples 64 frames.
+    register(llava("llava-video-tiny", frames=64,
+                   summary="random-weight LLaVA-Video stand-in built in code: the tiny model with an odd 7x7 patch "
+                           "grid (pooled up to 4x4, as 27x27 -> 14x14) and 64 frames by default",
+                   dims={"vision": "SigLIP 4L/32d @98px", "llm": "Qwen2 4L/64d GQA 4/2"}))
+    register(llava("llava-video-7b", frames=64,
+                   summary="LLaVA-Video-7B-Qwen2 (64 frames): weights: random (bundled config) or pretrained / hub id / "
+                           "path; transformers pools it as OneVision (bilinear, one newline)",
+                   dims=_bundled_dims("llava-video-7b", _siglip), hub_id="llava-hf/LLaVA-Video-7B-Qwen2-hf"))
     # Qwen2.5-VL's vision blocks need the full patch grid (windows, 2-D rotary): no intra-encoder hook yet.
     qwen = partial(_preset, family=_QWEN2_5_VL, module="qwen2_5_vl")
     register(qwen("qwen2.5-vl-tiny", summary="random-weight Qwen2.5-VL built in code (byte tokenizer, frames resized "
@@ -65,3 +74,25 @@ def tokcomp_register_models(register):
         register(qwen(name, summary=f"Qwen2.5-VL {size.upper()}-Instruct: weights: random (bundled config) or "
                                     "pretrained / hub id / path",
                       dims=_bundled_dims(name, _qwen_vit), hub_id=f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"))
+    # Qwen3-VL: DeepStack states ride with the tokens; timestamps between rows; full patch grid needed (no
+    # intra-encoder hook yet).
+    qwen3 = partial(_preset, family="qwen3_vl", module="qwen3_vl")
+    register(qwen3("qwen3-vl-tiny", summary="random-weight Qwen3-VL built in code (byte tokenizer, DeepStack from "
+                                            "3 of 4 vision blocks, frames resized to 128x128 px), for tests",
+                   dims={"vision": "Qwen3-ViT 4L/32d DeepStack 1,2,3", "llm": "Qwen3 4L/64d GQA 4/2"}))
+    for size in ("2b", "4b", "8b"):
+        name = f"qwen3-vl-{size}"
+        register(qwen3(name, summary=f"Qwen3-VL {size.upper()}-Instruct: weights: random (bundled config) or "
+                                     "pretrained / hub id / path",
+                       dims=_qwen3_dims(name), hub_id=f"Qwen/Qwen3-VL-{size.upper()}-Instruct"))
+
+
+def _qwen3_dims(name: str) -> dict:
+    """The `tokcomp list models` sizes of a bundled Qwen3-VL config."""
+    from importlib.resources import files
+
+    data = json.loads(files("tokcomp.models").joinpath("configs", f"{name}.json").read_text())
+    v, t = data["vision_config"], data["text_config"]
+    return {"vision": f"Qwen3-ViT {v['depth']}L/{v['hidden_size']}d DeepStack "
+                      + ",".join(str(i) for i in v["deepstack_visual_indexes"]),
+            "llm": f"Qwen3 {t['num_hidden_layers']}L/{t['hidden_size']}d GQA {t['num_attention_heads']}/{t['num_key_value_heads']}"}

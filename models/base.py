@@ -24,3 +24,6 @@ class ModelPreset:
     hub_id: str | None = None
     capabilities: frozenset[str] = frozenset()  # tokcomp.strategy.CAPABILITIES this family's adapter offers
     dims: dict[str, Any] = field(default_factory=dict)
+    # frames a run samples when the experiment leaves input.frames unset: the model's own evaluation
+    # setting (LLaVA-OneVision 32, LLaVA-Video 64), so a preset switch keeps the paper's input
+    frames: int = 32

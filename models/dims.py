@@ -78,9 +78,37 @@ def dims_from_qwen2_5_vl_config(config: Any, grid: tuple[int, int] | None = None
     )
 
 
+def dims_from_qwen3_vl_config(config: Any, grid: tuple[int, int] | None = None) -> ModelDims:
+    """``ModelDims`` of a transformers ``Qwen3VLConfig`` (ViT with full attention per row, 2x2 mergers, Qwen3 LLM).
+
+    Vision: ``depth`` blocks of width ``hidden_size``, fused qkv + proj, a GELU MLP of 2 matrices
+    (``linear_fc1``/``linear_fc2``); 3-D patches of ``temporal_patch_size`` x ``patch_size``^2 pixels;
+    the learned position table is resampled by a weighted sum (elementwise, 0). The merger concatenates
+    a unit's ``spatial_merge_size``^2 patches: Linear(4 Dv -> 4 Dv), GELU, Linear(4 Dv -> ``out_hidden_size``),
+    and each of the ``deepstack_visual_indexes`` has its own merger of that shape on the same tokens
+    (``projector_count`` = 1 + their number). The LLM is Qwen3: q/o of width heads x ``head_dim``
+    (wider than ``hidden_size`` on 4B), GQA K/V, SwiGLU; q/k norms and the DeepStack additions are
+    elementwise. ``grid`` = (h, w) patches per row fills the per-row fields, as for Qwen2.5-VL.
+    """
+    v, t = config.vision_config, config.text_config
+    patch, merge = _scalar(v.patch_size), int(v.spatial_merge_size)
+    group = merge * merge
+    h, w = grid or (0, 0)
+    return ModelDims(
+        vision_layers=v.depth, vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
+        vision_heads=v.num_heads, patch_size=patch, image_size=h * patch if h == w else 0,
+        channels=getattr(v, "in_channels", 3), vision_tokens_per_frame=h * w,
+        projector_in=group * v.hidden_size, projector_hidden=group * v.hidden_size,
+        projector_out=v.out_hidden_size, pooled_tokens_per_frame=(h // merge) * (w // merge), **_llm_fields(t),
+        vision_mlp_matrices=2, temporal_patch_size=_scalar(v.temporal_patch_size), projector_group=group,
+        vision_head_dim=v.hidden_size // v.num_heads, projector_count=1 + len(v.deepstack_visual_indexes or ()),
+    )
+
+
 BUILDERS: dict[str, Callable[[Any], ModelDims]] = {
     "llava_onevision": dims_from_llava_onevision_config,
     "qwen2_5_vl": dims_from_qwen2_5_vl_config,
+    "qwen3_vl": dims_from_qwen3_vl_config,
 }
 
 

@@ -5,6 +5,13 @@ SigLIP embeddings and each encoder layer (frames as the batch, 27x27 patches in 
 projector and the bilinear pooling of the grid to 14x14, one newline feature after the whole video
 (a special token the pipeline re-emits), a Qwen-format chat prompt with 1-D RoPE positions, and the
 Qwen2 decoder. This file knows nothing of hook points, ledgers or decoding.
+
+LLaVA-Video-7B-Qwen2 is served by the same class: its llava-hf conversion loads as
+``LlavaOnevisionForConditionalGeneration``, and transformers' ``get_video_features`` always pools
+bilinearly to ceil(side/2)^2 and appends one newline (``LlavaOnevisionConfig`` has no pooling-mode or
+newline-position field). The official LLaVA-NeXT code instead average-pools to floor(side/2)^2 and
+puts a newline after every row ("grid"); tokcomp follows transformers, the model it checks exactness
+against. What distinguishes the LLaVA-Video presets here is their weights and their 64 frames.
 """
 
 from __future__ import annotations
@@ -57,6 +64,11 @@ def tiny_config(tokenizer: Any, image_size: int = 112) -> LlavaOnevisionConfig:
     )
 
 
+# LLaVA-Video's tiny stand-in: a 7x7 patch grid (98 px / 14), odd like the real 27x27, so pooling rounds
+# up to 4x4 as 27 -> 14 does; the OneVision tiny's 8x8 grid halves evenly.
+TINY_IMAGE_SIZE = {"tiny": 112, "llava-video-tiny": 98}
+
+
 def bundled_config(preset: str, image_size: int | None = None) -> LlavaOnevisionConfig:
     data = json.loads((CONFIG_DIR / f"{preset}.json").read_text())
     data.pop("_source", None)
@@ -78,8 +90,8 @@ def info_from_config(config: LlavaOnevisionConfig, preset: str) -> ModelInfo:
 def preset_config(spec: Any, preset: str) -> LlavaOnevisionConfig:
     """The model config a build of ``preset`` with ``spec`` would use, without building weights."""
     if spec.weights == "random":
-        if preset == "tiny":
-            return tiny_config(build_byte_tokenizer(), spec.image_size or 112)
+        if preset in TINY_IMAGE_SIZE:
+            return tiny_config(build_byte_tokenizer(), spec.image_size or TINY_IMAGE_SIZE[preset])
         return bundled_config(preset, spec.image_size)
     source = _checkpoint(spec, preset)
     try:
@@ -170,6 +182,7 @@ def build(spec: Any, preset: str) -> LlavaOnevisionAdapter:
 PRESET_HUB_IDS = {
     "llava-onevision-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
     "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "llava-video-7b": "llava-hf/LLaVA-Video-7B-Qwen2-hf",
 }
 
 
@@ -225,7 +238,8 @@ class LlavaOnevisionAdapter(TransformersAdapter):
     def embed_video(self, video: VideoInput) -> Tensor:
         return self.vision.embeddings(video.pixels)
 
-    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
+    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput,
+                     grid: tuple[int, int] | None = None) -> Tensor:
         return self.vision.encoder.layers[index](hidden, _key_mask(sizes, hidden.dtype))
 
     def vision_attention_block(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
@@ -239,10 +253,12 @@ class LlavaOnevisionAdapter(TransformersAdapter):
         layer = self.vision.encoder.layers[index]
         return hidden + layer.mlp(layer.layer_norm2(hidden))
 
-    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput) -> int | None:
+    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput,
+                               grid: tuple[int, int] | None = None) -> int | None:
         return None  # every frame attends within itself
 
-    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput) -> QK:
+    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput,
+                  grid: tuple[int, int] | None = None) -> QK:
         """Queries (when asked) and keys of one SigLIP layer for its input, (frames, heads, tokens, head_dim)."""
         layer = self.vision.encoder.layers[index]
         attn = layer.self_attn

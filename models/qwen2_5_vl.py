@@ -34,7 +34,7 @@ from tokcomp.strategy import ModelInfo
 FAMILY, TINY = "qwen2_5_vl", "qwen2.5-vl-tiny"
 PRESET_HUB_IDS = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 PIXEL_BOUNDS = {TINY: (112 * 112, 112 * 112)}  # per-frame (min, max) pixels; others: qwen_video's defaults
-CAPABILITIES: frozenset[str] = frozenset()  # no intra-encoder hook: the blocks need the full patch grid
+CAPABILITIES = frozenset({"intra_encoder"})  # rows and grids may change inside the tower; no token subsets yet
 
 
 def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
@@ -76,7 +76,8 @@ def description_from_config(config: Qwen2_5_VLConfig, preset: str, bounds: tuple
     grid, merge = qvid.nominal_grid(v, bounds), v.spatial_merge_size
     info = ModelInfo(name=preset, vision_layers=v.depth, vision_grid=grid,
                      pooled_grid=(grid[0] // merge, grid[1] // merge), llm_layers=t.num_hidden_layers,
-                     llm_hidden=t.hidden_size, family=FAMILY, capabilities=CAPABILITIES)
+                     llm_hidden=t.hidden_size, family=FAMILY, capabilities=CAPABILITIES,
+                     grid_multiple=merge)
 
     def video(frames: int, height: int | None = None, width: int | None = None) -> VideoInput:
         size = (height or nominal.height, width or nominal.width)
@@ -89,7 +90,7 @@ def description_from_config(config: Qwen2_5_VLConfig, preset: str, bounds: tuple
         info=info, dims=dims_from_qwen2_5_vl_config(config, grid), count_prompt=count_prompt, video=video,
         llm_grid=llm_grid, specials=0, position_rank=3, contiguous_positions=False, vision_hidden=v.hidden_size,
         context_length=getattr(t, "max_position_embeddings", None),
-        attention_pairs=lambda index, rows, tokens, vid: qvid.attention_pairs(v, index, rows, tokens, vid.grid))
+        attention_pairs=lambda index, rows, tokens, vid, grid: qvid.attention_pairs(v, index, rows, tokens, grid))
 
 
 def describe(spec: Any, preset: str) -> ModelDescription:
@@ -158,55 +159,65 @@ class Qwen2_5_VLAdapter(TransformersAdapter):
         return positions[:, 0]
 
     # ---- vision encoder ----------------------------------------------------------------------
-    def _geometry(self, video: VideoInput, rows: int, tokens: int) -> dict[str, Any]:
-        """``qwen_video.window_geometry`` for ``rows`` rows of this video's grid, cached in ``video.extra``."""
-        if tokens != video.grid[0] * video.grid[1]:
-            raise StrategyContractError(f"{self.preset}: vision blocks need the full {video.grid} patch grid per row "
-                                        f"(windows, 2-D rotary positions); got {tokens} tokens")
+    # The hook's spatial order is raster order of each row's patch grid; the tower's own helpers work in
+    # the processor's merge-unit order and the blocks in window order (``qwen_video.window_geometry``).
+    def _geometry(self, video: VideoInput, rows: int, tokens: int, grid: tuple[int, int] | None = None) -> dict[str, Any]:
+        """``qwen_video.window_geometry`` for ``rows`` rows of ``grid`` (default: the video's), cached per run."""
+        grid = tuple(video.grid if grid is None else grid)
+        if tokens != grid[0] * grid[1] or tokens == 0:
+            raise StrategyContractError(f"{self.preset}: vision blocks need a full patch grid per row (windows, 2-D "
+                                        f"rotary positions, the 2x2 merger); got {tokens} tokens on grid {grid}")
         cache = video.extra.setdefault("qwen_geometry", {})
-        if rows not in cache:
-            cache[rows] = qvid.window_geometry(self.visual, rows, video.grid, self.device)
-        return cache[rows]
+        if (rows, grid) not in cache:
+            cache[rows, grid] = qvid.window_geometry(self.visual, rows, grid, self.device)
+        return cache[rows, grid]
 
     def embed_video(self, video: VideoInput) -> Tensor:
-        """Patch embeddings (rows, tokens, D_vision) in the processor's (spatial) order."""
+        """Patch embeddings (rows, tokens, D_vision) in raster order of each row's patch grid."""
         hidden = self.visual.patch_embed(video.pixels)
-        return hidden.view(video.rows, -1, hidden.shape[-1])
+        g = self._geometry(video, video.rows, video.grid[0] * video.grid[1])
+        return hidden[g["raster"]].view(video.rows, -1, hidden.shape[-1])
 
-    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
-        """Vision block ``index`` on (rows, tokens, D) in spatial order, run in the model's window order."""
+    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput,
+                     grid: tuple[int, int] | None = None) -> Tensor:
+        """Vision block ``index`` on (rows, tokens, D) in raster order, run in the model's window order."""
         if sizes is not None:
             raise NotImplementedError("Qwen2.5-VL vision blocks do not support proportional attention (token sizes)")
         rows, tokens, _ = hidden.shape
-        return self.from_layer_order(self.vision_layer_in_order(index, self.to_layer_order(hidden, video), video),
-                                     rows, tokens, video)
+        flat = self.vision_layer_in_order(index, self.to_layer_order(hidden, video, grid), video, rows, grid)
+        return self.from_layer_order(flat, rows, tokens, video, grid)
 
     # The window order, kept across consecutive blocks while no hook or statistic needs spatial order
     # (the stock forward permutes once; a permutation per block would cost ~1% of TTFT at 3B sizes).
-    def to_layer_order(self, hidden: Tensor, video: VideoInput) -> Tensor:
-        """(rows, tokens, D) in spatial order -> (rows * tokens, D) in the model's window order."""
+    def to_layer_order(self, hidden: Tensor, video: VideoInput, grid: tuple[int, int] | None = None) -> Tensor:
+        """(rows, tokens, D) in raster order -> (rows * tokens, D) in the model's window order."""
         rows, tokens, dim = hidden.shape
-        return hidden.reshape(rows * tokens, dim)[self._geometry(video, rows, tokens)["order"]]
+        return hidden.reshape(rows * tokens, dim)[self._geometry(video, rows, tokens, grid)["order"]]
 
-    def from_layer_order(self, flat: Tensor, rows: int, tokens: int, video: VideoInput) -> Tensor:
-        return flat[self._geometry(video, rows, tokens)["inverse"]].view(rows, tokens, -1)
+    def from_layer_order(self, flat: Tensor, rows: int, tokens: int, video: VideoInput,
+                         grid: tuple[int, int] | None = None) -> Tensor:
+        return flat[self._geometry(video, rows, tokens, grid)["inverse"]].view(rows, tokens, -1)
 
-    def vision_layer_in_order(self, index: int, flat: Tensor, video: VideoInput) -> Tensor:
-        """Vision block ``index`` on the full grid's tokens in window order (``to_layer_order``)."""
-        g = self._geometry(video, video.rows, video.grid[0] * video.grid[1])
+    def vision_layer_in_order(self, index: int, flat: Tensor, video: VideoInput, rows: int | None = None,
+                              grid: tuple[int, int] | None = None) -> Tensor:
+        """Vision block ``index`` on ``rows`` rows of ``grid`` (defaults: the video's) in window order."""
+        grid = tuple(video.grid if grid is None else grid)
+        g = self._geometry(video, video.rows if rows is None else rows, grid[0] * grid[1], grid)
         cu = g["cu_full"] if index in self.visual.fullatt_block_indexes else g["cu_window"]
         return self.visual.blocks[index](flat, cu_seqlens=cu, max_seqlen=get_max_seqlen(cu, self.visual.config),
                                          position_embeddings=g["rope_window"])
 
-    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput) -> int | None:
+    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput,
+                               grid: tuple[int, int] | None = None) -> int | None:
         """Query-key pairs of block ``index``: the sum of squared segment lengths (rows, or windows)."""
-        return qvid.attention_pairs(self.config.vision_config, index, rows, tokens, video.grid)
+        return qvid.attention_pairs(self.config.vision_config, index, rows, tokens, video.grid if grid is None else grid)
 
-    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput) -> QK:
+    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput,
+                  grid: tuple[int, int] | None = None) -> QK:
         """Rotated queries (when asked) and keys of block ``index`` for its input (rows, tokens, D), as
-        (rows, heads, tokens, head_dim) in spatial order; windowed blocks give per-row window ids."""
+        (rows, heads, tokens, head_dim) in raster order; windowed blocks give per-row window ids."""
         rows, tokens, dim = hidden.shape
-        g, block = self._geometry(video, rows, tokens), self.visual.blocks[index]
+        g, block = self._geometry(video, rows, tokens, grid), self.visual.blocks[index]
         qkv = block.attn.qkv(block.norm1(hidden.reshape(rows * tokens, dim)))
         q, k, _ = qkv.reshape(rows * tokens, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = qwen.apply_rotary_pos_emb_vision(q, k, *g["rope"])
@@ -219,13 +230,10 @@ class Qwen2_5_VLAdapter(TransformersAdapter):
         """The 2x2 patch merger -> (rows, h/2, w/2, D_llm); statistics averaged over each merge unit."""
         rows, tokens, dim = hidden.shape
         merge = self.visual.spatial_merge_size
-        if tuple(grid) != tuple(video.grid) or tokens != grid[0] * grid[1]:
-            raise StrategyContractError(f"{self.preset}: the patch merger needs the full {video.grid} grid per row, "
-                                        f"got {tokens} tokens on grid {tuple(grid)}")
+        g = self._geometry(video, rows, tokens, grid)
         h, w = grid[0] // merge, grid[1] // merge
-        features = self.visual.merger(hidden.reshape(rows * tokens, dim)).view(rows, h, w, -1)
-        pooled = {name: v.float().reshape(rows, h * w, merge * merge, *v.shape[2:]).mean(2)
-                  .reshape(rows, h, w, *v.shape[2:]) for name, v in stats.items()}
+        features = self.visual.merger(hidden.reshape(rows * tokens, dim)[g["units"]]).view(rows, h, w, -1)
+        pooled = {name: v.float().reshape(rows, h, merge, w, merge, *v.shape[2:]).mean((2, 4)) for name, v in stats.items()}
         return VisionOutput(features, pooled, features.new_zeros(0, features.shape[-1]))
 
     # ---- language model ----------------------------------------------------------------------

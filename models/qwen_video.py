@@ -33,6 +33,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 from tokcomp.adapter import VideoInput
 from tokcomp.config import GeneratedVideoConfig
 from tokcomp.errors import ConfigError, InputError
+from tokcomp.state import StrategyContractError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -72,12 +73,13 @@ def resize_frames(frames: Tensor, size: tuple[int, int]) -> Tensor:
     return y.clamp_(0, 255).round_().to(torch.uint8)
 
 
-def normalize(frames: Tensor) -> Tensor:
+def normalize(frames: Tensor, mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
+              std: tuple[float, ...] = OPENAI_CLIP_STD) -> Tensor:
     """uint8 (T, 3, h, w) -> float32: (x / 255 - mean) / std, computed as the processor's fused
-    (x - 255 mean) / (255 std)."""
+    (x - 255 mean) / (255 std). Qwen2-VL / Qwen2.5-VL use the OpenAI CLIP statistics, Qwen3-VL 0.5 / 0.5."""
     scale = 1.0 / (1.0 / 255)
-    mean = (torch.tensor(OPENAI_CLIP_MEAN) * scale).to(frames.device)[:, None, None]
-    std = (torch.tensor(OPENAI_CLIP_STD) * scale).to(frames.device)[:, None, None]
+    mean = (torch.tensor(mean) * scale).to(frames.device)[:, None, None]
+    std = (torch.tensor(std) * scale).to(frames.device)[:, None, None]
     return frames.to(torch.float32).sub_(mean).div_(std)
 
 
@@ -163,13 +165,15 @@ def video_geometry(v: Any, frames: int, height: int, width: int, bounds: tuple[i
 
 
 def process_video(frames: Tensor, v: Any, bounds: tuple[int, int], fps: float | None = None,
-                  model: str = "Qwen2.5-VL") -> tuple[Tensor, VideoGeometry]:
-    """uint8 frames (T, H, W, 3) -> the pixel patches ``Qwen2_5_VLModel.get_video_features`` takes
-    (see the module doc), (rows * h * w, 3 * temporal * patch^2) float32, and their geometry."""
+                  model: str = "Qwen2.5-VL", mean: tuple[float, ...] = OPENAI_CLIP_MEAN,
+                  std: tuple[float, ...] = OPENAI_CLIP_STD) -> tuple[Tensor, VideoGeometry]:
+    """uint8 frames (T, H, W, 3) -> the pixel patches ``Qwen2_5_VLModel.get_video_features`` (or Qwen3-VL's)
+    takes (see the module doc), (rows * h * w, 3 * temporal * patch^2) float32, and their geometry;
+    ``mean`` / ``std``: the processor's normalisation statistics."""
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise InputError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
     geometry = video_geometry(v, frames.shape[0], frames.shape[1], frames.shape[2], bounds, fps, model)
-    pixels, _ = patchify(normalize(resize_frames(frames, geometry.size)), v.patch_size, v.temporal_patch_size,
+    pixels, _ = patchify(normalize(resize_frames(frames, geometry.size), mean, std), v.patch_size, v.temporal_patch_size,
                          v.spatial_merge_size)
     return pixels, geometry
 
@@ -187,33 +191,52 @@ def _window_lengths(rows: int, h: int, w: int, merge: int, window: int, patch: i
 
 
 def attention_pairs(v: Any, index: int, rows: int, tokens: int, grid: tuple[int, int]) -> int | None:
-    """Query-key pairs of vision block ``index`` on ``rows`` x ``tokens`` (patch ``grid`` per row): the sum
-    of squared segment lengths, whole rows in full-attention blocks, else windows (None without the full grid)."""
+    """Query-key pairs of vision block ``index`` on ``rows`` x ``tokens`` (patch ``grid`` per row, the
+    current one): the sum of squared segment lengths, whole rows in full-attention blocks, else windows
+    (None when the tokens are no grid)."""
     if index in v.fullatt_block_indexes:
         return rows * tokens * tokens
-    if tokens != grid[0] * grid[1]:
+    if tokens != grid[0] * grid[1] or tokens == 0:
         return None
     return sum(n * n for n in _window_lengths(rows, *grid, v.spatial_merge_size, v.window_size, v.patch_size))
 
 
+def unit_order(grid: tuple[int, int], merge: int, device: torch.device | None = None) -> Tensor:
+    """Raster index of the patch at each position of the processor's order (2x2 merge units in raster
+    order, a unit's patches consecutive) for one row of ``grid`` patches."""
+    h, w = grid
+    return torch.arange(h * w, device=device).view(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).reshape(-1)
+
+
 def window_geometry(visual: Any, rows: int, grid: tuple[int, int], device: torch.device) -> dict[str, Any]:
     """How a Qwen2.5-VL vision tower (``visual``) attends over ``rows`` rows of a ``grid`` of patches
-    given in the processor's (spatial) order, from the model's own helpers (``transformers.vision_utils``):
+    given in raster order (the hook's spatial order), from the model's own helpers
+    (``transformers.vision_utils``), which work in the processor's merge-unit order:
 
-    ``order``: token index at each position of the model's window order (``inverse`` undoes it);
-    ``cu_window`` / ``cu_full``: segment boundaries in window order for windowed / full-attention
-    blocks (windows; whole rows); ``rope`` / ``rope_window``: the 2-D rotary (cos, sin) in spatial /
-    window order; ``segments``: (rows, tokens) window ids, per row from 0, in spatial order."""
-    unit = visual.spatial_merge_size**2
+    ``units``: raster index at each position of the processor's order (``embed_video`` and the merger
+    use it; ``raster`` undoes it); ``order``: raster index at each position of the model's window order
+    (``inverse`` undoes it); ``cu_window`` / ``cu_full``: segment boundaries in window order for
+    windowed / full-attention blocks (windows; whole rows); ``rope`` / ``rope_window``: the 2-D rotary
+    (cos, sin) in raster / window order; ``segments``: (rows, tokens) window ids, per row from 0, in
+    raster order. A grid smaller than the video's (input pooling) is a smaller image to the tower."""
+    merge = visual.spatial_merge_size
+    if grid[0] % merge or grid[1] % merge or min(grid) < merge:
+        raise StrategyContractError(f"Qwen2.5-VL's {merge}x{merge} patch merger needs a patch grid with sides that are "
+                                    f"multiples of {merge}; got {tuple(grid)}")
+    unit, tokens = merge * merge, grid[0] * grid[1]
     thw = torch.tensor([[rows, *grid]], device=device)
-    windows, cu_window = get_vision_window_index(thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
-    order = (windows.to(device)[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+    units = (unit_order(grid, merge, device)[None] + tokens * torch.arange(rows, device=device)[:, None]).reshape(-1)
+    raster = torch.argsort(units)
+    windows, cu_window = get_vision_window_index(thw, merge, visual.window_size, visual.patch_size)
+    in_units = (windows.to(device)[:, None] * unit + torch.arange(unit, device=device)).reshape(-1)
+    order = units[in_units]
     cu_window = cu_window.to(device)
-    rope = visual.rotary_pos_emb(thw, get_vision_position_ids(thw, visual.spatial_merge_size))  # reads thw.device
+    rope = visual.rotary_pos_emb(thw, get_vision_position_ids(thw, merge))  # processor order; reads thw.device
     slots = torch.arange(order.numel(), device=device)
     window = torch.empty_like(slots)
     window[order] = torch.searchsorted(cu_window[1:].long(), slots, right=True)
     window = window.view(rows, -1)
-    return {"order": order, "inverse": torch.argsort(order), "cu_window": cu_window,
-            "cu_full": get_vision_cu_seqlens(thw).to(device), "rope": rope, "rope_window": tuple(r[order] for r in rope),
+    return {"units": units, "raster": raster, "order": order, "inverse": torch.argsort(order), "cu_window": cu_window,
+            "cu_full": get_vision_cu_seqlens(thw).to(device), "rope": tuple(r[raster] for r in rope),
+            "rope_window": tuple(r[in_units] for r in rope),
             "segments": window - window.min(dim=1, keepdim=True).values}

@@ -51,7 +51,15 @@ from torch import Tensor
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.selection import topk_positions
-from tokcomp.ops.temporal import apply_plan, merge_plan, plan_sources, segment_ends, segment_frames, tiles
+from tokcomp.ops.temporal import (
+    apply_plan,
+    equal_weights,
+    merge_plan,
+    plan_sources,
+    segment_ends,
+    segment_frames,
+    tiles,
+)
 from tokcomp.ops.windows import (
     labelled_window_argmax,
     random_positions,
@@ -90,6 +98,7 @@ class FrameMerge(Strategy):
     variant: Literal["official", "paper"] = "official"
     tau_merge: float = PAPER_TAU_MERGE
     merge_attention: bool = True
+    weighted: bool = True  # False: merged frames are plain means (the paper's "w/o weighted frame merging")
 
     def __post_init__(self) -> None:
         check_segmentation(self.tau_seg, self.alpha, self.M)
@@ -114,8 +123,12 @@ class FrameMerge(Strategy):
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         state.meta.setdefault(INPUT_FRAMES, state.num_frames)  # rows before any merge (Qwen: temporal patches)
         rows = merge_plan(state.hidden, self.variant, self.tau_seg, self.alpha, self.M, self.tau_merge)
+        if not self.weighted:
+            rows = equal_weights(rows)
         attention = None if state.attention is None else apply_plan(state.attention, rows)  # whoever asked
-        state.replace(apply_plan(state.hidden, rows), plan_sources(rows, state.frame_sources), attention)
+        riders = None if state.riders is None else apply_plan(state.riders, rows)  # DeepStack: the same weights
+        state.replace(apply_plan(state.hidden, rows), plan_sources(rows, state.frame_sources), attention,
+                      riders=riders)
         if state.layer == max(self.layers):
             state.meta[SEGMENTS] = segment_frames(state.hidden, self.variant, self.tau_seg, self.alpha, self.M)
             if attention is not None:

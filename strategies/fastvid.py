@@ -16,6 +16,7 @@ What runs on the spliced visual tokens (projected, pooled; ``tokcomp.ops.fastvid
    segment joins its most cosine-similar pick, which becomes w * pick + (1 - w) * mean(joined)
    with w = max(1 / (joined + 1), dtm_beta). A one-frame segment is the same rule with its frame
    as the only anchor. Redundant frames thus cost context tokens only once per p frames.
+   Riders (Qwen3-VL's DeepStack features) take the same picks and merges as the features.
 5. Kept tokens are sorted by their index in the uncompressed sequence and keep it as their
    position id (``state.original_positions``; gaps stay, as the official code passes the kept
    indices as ``position_ids``); a merged token takes its pick's index. The framework keeps the
@@ -55,7 +56,7 @@ import torch
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
-from tokcomp.ops.fastvid import budget, fastvid_select
+from tokcomp.ops.fastvid import budget, fastvid_apply, fastvid_plan
 from tokcomp.ops.selection import groups
 from tokcomp.state import VisualTokens
 from tokcomp.strategy import ModelInfo, Strategy, check_ratio
@@ -102,13 +103,15 @@ class FastVID(Strategy):
                               "the vision.saliency statistic at pre-LLM)")
         members = groups(state.frame)
         global_features = torch.stack([state.features[m].float().mean(dim=0) for m in members])
-        kept, features = fastvid_select(
+        plan = fastvid_plan(
             state.features, members, state.saliency.to(state.features.device), global_features,
             ratio=self.ratio, c=self.dyseg_c, tau=self.dyseg_tau, d=self.stprune_d, p=self.dtm_p,
             beta=self.dtm_beta, k=self.density_k,
         )
+        kept, features = fastvid_apply(state.features, plan)
         order = torch.argsort(kept)  # original index order
         kept, features = kept[order], features[order]
+        riders = None if state.riders is None else fastvid_apply(state.riders, plan)[1][order.to(state.riders.device)]
 
         def take(t):
             return None if t is None else t[kept.to(t.device)]
@@ -116,6 +119,6 @@ class FastVID(Strategy):
         state.replace(
             features, state.frame[kept], state.row[kept], state.col[kept],
             state.source[kept], scores=take(state.scores), keys=take(state.keys),
-            saliency=take(state.saliency), group=take(state.group),
+            saliency=take(state.saliency), group=take(state.group), riders=riders,
         )
         state.original_positions = True

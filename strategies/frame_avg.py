@@ -31,4 +31,6 @@ class FrameAvg(Strategy):
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         hidden, sources = average_adjacent_pairs(state.hidden, state.frame_sources)
-        state.replace(hidden, frame_sources=sources)
+        # riders (DeepStack features) take the same source-count weights
+        riders = None if state.riders is None else average_adjacent_pairs(state.riders, state.frame_sources)[0]
+        state.replace(hidden, frame_sources=sources, riders=riders)

@@ -28,7 +28,8 @@ Outer-LLM, ``holitom.outer_merge`` (pre-LLM, on the projected and pooled feature
    part in spatial order (the framework re-emits the newline after the video). A merged token takes
    the geometry (frame, row, col, source) of its centre in the window's first frame, and as score the
    centre position's attention averaged over the window's frames (the official static attention);
-   keys, saliency and group, when present, are the centre's too. ``state.meta["holitom.windows"]``
+   keys, saliency and group, when present, are the centre's too; riders (Qwen3-VL's DeepStack
+   features) are averaged and merged exactly like the features. ``state.meta["holitom.windows"]``
    records the windows. Positions stay contiguous, as in LLaVA.
 
 Defaults are the official code defaults (environment variables in brackets): ratio 0.1 (RETAIN_RATIO),
@@ -220,17 +221,23 @@ class OuterMerge(Strategy):
                               torch.tensor(counts, device=grid.device).repeat_interleave(repeats))
         dynamic = grid[keep]  # frame by frame, spatial order inside a frame
 
-        feats, geometry, token_scores, offset = [], [], [], 0
+        riders = None if state.riders is None else state.riders[grid.to(state.riders.device)]  # (T, P, C)
+        feats, rider_parts, geometry, token_scores, offset = [], [], [], [], 0
         for w, (s, e) in enumerate(windows):
             if n_static[w]:
-                merged, centres, centre_scores = self._merge_static(features[s : e + 1], scores[s : e + 1], static[w], r)
+                window_riders = None if riders is None else riders[s : e + 1]
+                merged, centres, centre_scores, merged_riders = self._merge_static(
+                    features[s : e + 1], scores[s : e + 1], static[w], r, window_riders)
                 feats.append(merged)
+                rider_parts.append(merged_riders)
                 geometry.append(grid[s, centres])
                 token_scores.append(centre_scores)
             size = counts[w] * lengths[w]
             part = dynamic[offset : offset + size]
             offset += size
             feats.append(state.features[part])
+            if state.riders is not None:
+                rider_parts.append(state.riders[part.to(state.riders.device)])
             geometry.append(part)
             token_scores.append(state.scores[part].float())
         index = torch.cat(geometry)
@@ -241,19 +248,27 @@ class OuterMerge(Strategy):
         state.replace(torch.cat([f.to(state.features.dtype) for f in feats]), frame=state.frame[index],
                       row=state.row[index], col=state.col[index],
                       source=state.source[index], scores=torch.cat(token_scores), keys=carried(state.keys),
-                      saliency=carried(state.saliency), group=carried(state.group))
+                      saliency=carried(state.saliency), group=carried(state.group),
+                      riders=None if state.riders is None else torch.cat(rider_parts))
 
-    def _merge_static(self, features: Tensor, scores: Tensor, static: Tensor, r: float) -> tuple[Tensor, Tensor, Tensor]:
-        """One window's static tokens: (merged (C, D), centre positions (C,), centre scores (C,)), in
-        spatial order of the centres (the official code sorts its centres by index)."""
+    def _merge_static(self, features: Tensor, scores: Tensor, static: Tensor, r: float,
+                      riders: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """One window's static tokens: (merged (C, D), centre positions (C,), centre scores (C,), merged
+        riders (C, C_r) or None), in spatial order of the centres (the official code sorts its centres by
+        index). The riders (DeepStack features, (W, P, C_r)) are averaged over the window and beta-merged
+        with the clusters the features gave."""
         positions = torch.nonzero(static, as_tuple=False).flatten()
         averaged = features.index_select(1, positions).float().mean(dim=0)  # one token per static position
         n_clusters = static_cluster_count(positions.numel(), r)
         centres, assignment = dpc_knn_cluster(averaged, n_clusters, static_neighbours(self.k, n_clusters),
                                               centre_order="index")
         merged = beta_merge(averaged, centres, assignment, self.beta)
+        merged_riders = None
+        if riders is not None:
+            averaged_riders = riders.index_select(1, positions.to(riders.device)).float().mean(dim=0)
+            merged_riders = beta_merge(averaged_riders, centres.to(riders.device), assignment.to(riders.device), self.beta)
         centre_positions = positions[centres]  # ascending: ``positions`` is, and so are the centres
-        return merged, centre_positions, scores[:, centre_positions].mean(dim=0)
+        return merged, centre_positions, scores[:, centre_positions].mean(dim=0), merged_riders
 
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ops.pooling import average_pool_grid, side_for_ratio
 from tokcomp.ops.selection import keep_count, uniform_indices
@@ -39,7 +41,8 @@ class FrameSampling(Strategy):
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         kept = uniform_indices(state.num_frames, keep_count(state.num_frames, self.ratio)).tolist()
-        state.replace(state.hidden[kept], frame_sources=[state.frame_sources[i] for i in kept])
+        state.replace(state.hidden[kept], frame_sources=[state.frame_sources[i] for i in kept],
+                      riders=None if state.riders is None else state.riders[kept])
 
 
 @dataclass
@@ -54,19 +57,31 @@ class InputPooling(Strategy):
     def encoder_layers(self, info: ModelInfo) -> set[int]:
         return {INPUT}
 
-    def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int, tokens: int) -> tuple[int, int]:
-        side = side_for_ratio(info.vision_grid[0], self.ratio)
-        return frames, side * side
+    def pooled_grid(self, grid: tuple[int, int], multiple: int) -> tuple[int, int]:
+        """The pooled (h, w) of a ``grid``: each side scaled by sqrt(ratio), rounded to a multiple of
+        ``multiple`` (the model's merge unit: Qwen's 2x2 merger needs even sides), never above the grid."""
+        return tuple(max(multiple, multiple * round(side_for_ratio(side, self.ratio) / multiple)) for side in grid)
+
+    def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int,
+                           tokens: int) -> tuple[int, int, tuple[int, int]]:
+        side_h, side_w = self.pooled_grid(info.vision_grid, info.grid_multiple)
+        return frames, side_h * side_w, (side_h, side_w)
 
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         h, w = state.grid
         if h * w != state.hidden.shape[1]:
             raise StrategyContractError(f"strategy {self.name!r} needs each frame's full patch grid at the input")
-        side_h, side_w = side_for_ratio(h, self.ratio), side_for_ratio(w, self.ratio)
-        grid = state.hidden.view(state.num_frames, h, w, -1)
-        pooled = average_pool_grid(grid.float(), side_h, side_w).to(grid.dtype)
-        state.replace(pooled.reshape(state.num_frames, side_h * side_w, -1), grid=(side_h, side_w))
+        side_h, side_w = self.pooled_grid((h, w), state.grid_multiple)
+        riders = None if state.riders is None else self._pool(state.riders, (h, w), (side_h, side_w))
+        state.replace(self._pool(state.hidden, (h, w), (side_h, side_w)), grid=(side_h, side_w), riders=riders)
+
+    @staticmethod
+    def _pool(x: Tensor, grid: tuple[int, int], side: tuple[int, int]) -> Tensor:
+        """(frames, h*w, C) -> (frames, side_h*side_w, C), float32 pooling in ``x``'s dtype; the hidden
+        states and the riders (DeepStack features) go through the same pooling."""
+        pooled = average_pool_grid(x.view(x.shape[0], *grid, -1).float(), *side).to(x.dtype)
+        return pooled.reshape(x.shape[0], side[0] * side[1], -1)
 
 
 INPUT_STRATEGIES = (FrameSampling, InputPooling)

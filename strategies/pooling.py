@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
@@ -35,12 +36,18 @@ class Pooling(Strategy):
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         h, w = state.grid
         frames = state.num_frames
-        grid = state.features[state.frame_grid(self.name)].view(frames, h, w, -1)
+        index = state.frame_grid(self.name)
         out_h, out_w = side_for_ratio(h, self.ratio), side_for_ratio(w, self.ratio)
-        pooled = average_pool_grid(grid, out_h, out_w).reshape(frames * out_h * out_w, -1)
+
+        def pool(x: Tensor) -> Tensor:  # the features, and the riders (DeepStack features) alike
+            return average_pool_grid(x[index.to(x.device)].view(frames, h, w, -1), out_h, out_w).reshape(
+                frames * out_h * out_w, -1)
+
+        pooled = pool(state.features)
         dev = pooled.device
         cells = torch.arange(out_h * out_w, device=dev).repeat(frames)
         row, col = (cells // out_w) * h // out_h, (cells % out_w) * w // out_w
         frame = torch.arange(frames, device=dev).repeat_interleave(out_h * out_w)
-        state.replace(features=pooled, frame=frame, row=row, col=col, source=frame * h * w + row * w + col)
+        state.replace(features=pooled, frame=frame, row=row, col=col, source=frame * h * w + row * w + col,
+                      riders=None if state.riders is None else pool(state.riders))
         state.grid = (out_h, out_w)

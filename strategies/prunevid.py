@@ -118,11 +118,12 @@ class Outer(Strategy):
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
         grid = state.frame_grid(self.name)
+        riders = None if state.riders is None else state.riders[grid.to(state.riders.device)]
         out = merge_frames_dynamic(state.features[grid], self.temporal_segment_ratio, self.tau,
-                                   self.cluster_ratio, self.k, self.min_dynamic_tokens)
+                                   self.cluster_ratio, self.k, self.min_dynamic_tokens, riders)
         source = grid[out.frame.to(grid.device), out.position.to(grid.device)]
         state.replace(out.features.to(state.features.dtype), state.frame[source], state.row[source],
-                      state.col[source], state.source[source], group=out.group.to(source.device))
+                      state.col[source], state.source[source], group=out.group.to(source.device), riders=out.riders)
         state.meta[SEGMENTS] = out.segments
 
 

@@ -153,8 +153,10 @@ class ToMe(Strategy):
         side = square_side(matching.num_out) if last else None
         if matching.r == 0 and (side is None or state.grid == (side, side)):
             return
+        # riders (DeepStack features) take the same size-weighted average as the hidden states
+        riders = None if state.riders is None else merge_wavg(state.riders, sizes, matching)[0]
         hidden, sizes = merge_wavg(state.hidden, sizes, matching)
         attention = None if state.attention is None else merge_sum(state.attention, matching)
         state.meta[SIZES], state.meta[SOURCES] = sizes, compose_slots(sources, matching)
         state.replace(hidden, attention=attention, grid=None if side is None else (side, side),
-                      sizes=sizes if self.prop_attn else None)
+                      sizes=sizes if self.prop_attn else None, riders=riders)

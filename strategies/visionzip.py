@@ -18,7 +18,8 @@ model, 16 on the tiny one), keep S tokens:
 3. Output per frame: [dominant (spatial order), contextual (target order)]. Frames stay in order (the
    framework re-emits the newline after the video). A contextual token takes its target's source,
    frame, row and col.
-   The optional fields (scores, keys, saliency, group) keep the representative token's values.
+   The optional fields (scores, keys, saliency, group) keep the representative token's values;
+   riders (Qwen3-VL's DeepStack features) take the same dominant/contextual merge as the features.
 
 S per frame (``tokens_per_frame`` when set, else from ``ratio``): the port sets ``SPATIAL_TOKENS``
 by hand to 20/30/40/50 for 10/15/20/25%. That is not a plain rounding (196 * 0.25 = 49, the
@@ -57,7 +58,7 @@ from torch import Tensor
 
 from tokcomp.errors import ConfigError
 from tokcomp.hookspecs import hookimpl
-from tokcomp.ops.contextual import split_budget, visionzip_select
+from tokcomp.ops.contextual import split_budget, visionzip_apply, visionzip_plan
 from tokcomp.ops.selection import equal_size_batches, groups
 from tokcomp.state import VisualTokens
 from tokcomp.strategy import ModelInfo, Strategy, check_ratio
@@ -115,14 +116,18 @@ class VisionZip(Strategy):
                 )
         members = groups(state.frame)
         features: list[Tensor | None] = [None] * len(members)
+        riders: list[Tensor | None] = [None] * len(members)
         picked: list[Tensor | None] = [None] * len(members)
         for n, which in equal_size_batches(members).items():  # frames with equal token counts run as one batch
             idx = torch.stack([members[i] for i in which]).to(state.features.device)  # (frames, n)
             dominant, contextual = split_budget(self.budget(n))
-            out, positions = visionzip_select(state.features[idx], state.scores.to(idx.device)[idx],
-                                              state.keys.to(idx.device)[idx], dominant, contextual)
+            plan = visionzip_plan(state.scores.to(idx.device)[idx], state.keys.to(idx.device)[idx], dominant, contextual)
+            out, positions = visionzip_apply(state.features[idx], plan), plan.positions
+            merged_riders = None if state.riders is None else visionzip_apply(state.riders[idx.to(state.riders.device)], plan)
             for row, i in enumerate(which):
                 features[i], picked[i] = out[row], idx[row, positions[row]]
+                if merged_riders is not None:
+                    riders[i] = merged_riders[row]
         rep = torch.cat(picked)  # representative (input) index of every output token
         feats = torch.cat(features)
 
@@ -130,7 +135,8 @@ class VisionZip(Strategy):
             return None if t is None else t[rep.to(t.device)]
 
         state.replace(feats, take(state.frame), take(state.row), take(state.col), take(state.source), scores=take(state.scores), keys=take(state.keys),
-                      saliency=take(state.saliency), group=take(state.group))
+                      saliency=take(state.saliency), group=take(state.group),
+                      riders=None if state.riders is None else torch.cat(riders))
 
 
 VISIONZIP_STRATEGIES = (VisionZip,)

@@ -69,10 +69,16 @@ CASES = [
     # --- layers ----------------------------------------------------------------------------------------
     ("llm-layer-too-deep", ["run", "exp.yaml", "configurations.fastv.strategies.0.params.layer=7"], "layer=7"),
     ("llm-layer-too-negative", ["run", "exp.yaml", "configurations.fastv.strategies.0.params.layer=-9"], "-9"),
+    ("llava-video-llm-layer-too-deep", ["run", "exp.yaml", "model.preset=llava-video-7b",
+                                        "configurations.fastv.strategies.0.params.layer=28"],
+     "model 'llava-video-7b': strategy 'fastv': layer=28 is outside the LLM layers 1..27"),
+    ("llava-video-frames-over-context", ["run", "exp.yaml", "model.preset=llava-video-7b", "input.frames=200",
+                                         "input.generated.length=200"],
+     "context of model 'llava-video-7b' (32768"),
     ("vision-layer-too-deep", ["run", "exp.yaml", "configurations.f.strategies=[{name: frame_avg, params: {layer: 10}}]"],
      "10"),
-    ("intra-encoder-on-qwen", ["run", "exp.yaml", "model.preset=qwen2.5-vl-tiny",
-                               "configurations.f.strategies=[{name: frame_avg}]"], "'frame_avg'"),
+    ("intra-encoder-on-qwen3", ["run", "exp.yaml", "model.preset=qwen3-vl-tiny",
+                                "configurations.f.strategies=[{name: frame_avg}]"], "'frame_avg'"),
     # --- videos --------------------------------------------------------------------------------------------
     ("missing-video", ["run", "exp.yaml", "input.video=missing.mp4"], "'missing.mp4' does not exist"),
     ("video-is-a-directory", ["run", "exp.yaml", "input.video=adir"], "'adir' is a directory"),

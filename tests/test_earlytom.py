@@ -171,6 +171,13 @@ def test_segments_tile_the_frames_only_when_contiguous_and_complete():
     assert not any(temporal.tiles(segs, 6) for segs in ([(0, 1), (3, 5)], [(0, 2), (2, 5)], [(0, 2)], [(1, 5)], []))
 
 
+def test_without_weighted_merging_merged_frames_are_plain_means_and_drops_stay_drops():
+    rows = [((0, 1.0),), ((1, 0.6), (2, 0.4)), ((3, 1.0), (4, 0.0))]
+    assert temporal.equal_weights(rows) == [((0, 1.0),), ((1, 0.5), (2, 0.5)), ((3, 1.0),)]
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(temporal.apply_plan(x, temporal.equal_weights(rows))[1], (x[1] + x[2]) / 2)
+
+
 def test_apply_plan_copies_kept_frames_bit_exactly():
     x = torch.randn(3, 5, 4, dtype=torch.bfloat16)
     out = temporal.apply_plan(x, [((0, 1.0),), ((1, 0.25), (2, 0.75)), ((2, 1.0), (0, 0.0))])

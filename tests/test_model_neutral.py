@@ -102,8 +102,8 @@ def _runner(tmp_path, model: str, frames: int, strategy: str, params: dict) -> E
 
 
 @pytest.mark.parametrize("model, frames, strategy, params, message", [
-    ("qwen2.5-vl-7b", 8, "earlytom.frame_merge", {}, "'earlytom.frame_merge' needs intra_encoder .* 'qwen2.5-vl-7b'"),
-    ("qwen2.5-vl-7b", 8, "tome", {"r": 2}, "'tome' needs intra_encoder, vision_split"),
+    ("qwen3-vl-8b", 8, "earlytom.frame_merge", {}, "'earlytom.frame_merge' needs intra_encoder .* 'qwen3-vl-8b'"),
+    ("qwen2.5-vl-7b", 8, "tome", {"r": 2}, "'tome' needs vision_split"),
     ("qwen2.5-vl-7b", 8, "fastv", {"layer": 28}, "on model 'qwen2.5-vl-7b'.*layer=28 is outside the LLM layers 1..27"),
     ("qwen2.5-vl-3b", 8, "pyramiddrop", {"layers": [4, 40]}, "on model 'qwen2.5-vl-3b'.*layers=40"),
     ("llava-onevision-7b", 8, "topk", {"layer": 30}, "on model 'llava-onevision-7b'.*layer=30"),

@@ -191,7 +191,7 @@ def test_attention_pairs_follow_the_stock_segments(adapter, video):
     assert lengths[1] == [80] * 3 and lengths[0] == [16, 16, 8, 16, 16, 8] * 3  # 2x2-unit windows, padded
     for i in range(4):
         assert adapter.vision_attention_pairs(i, 3, 80, video) == sum(n * n for n in lengths[i])
-        assert adapter.description.attention_pairs(i, 3, 80, video) == sum(n * n for n in lengths[i])
+        assert adapter.description.attention_pairs(i, 3, 80, video, video.grid) == sum(n * n for n in lengths[i])
 
 
 def _captured_vision_attention(adapter, video) -> list[tuple[torch.nn.Module, torch.Tensor]]:
@@ -225,7 +225,7 @@ def test_vision_qk_reproduces_eager_attention(adapter, video, index):
     rows, heads, tokens, _ = qk.q.shape
     assert (rows, heads, tokens) == (3, 2, 80) and qk.k.shape == qk.q.shape
     assert adapter.vision_qk(index, inputs[index], False, video).q is None
-    g = video.extra["qwen_geometry"][3]
+    g = video.extra["qwen_geometry"][3, tuple(video.grid)]
     q, k = (x.transpose(1, 2).reshape(rows * tokens, heads, -1) for x in (qk.q, qk.k))
     cu = (g["cu_full"] if index == 1 else g["cu_window"]).tolist()
     assert len(segments) == len(cu) - 1
@@ -237,9 +237,9 @@ def test_vision_qk_reproduces_eager_attention(adapter, video, index):
             assert len(set(qk.segments.reshape(-1)[members].tolist())) == 1
     if index == 1:
         assert qk.segments is None
-    else:  # per-row window ids 0..5 in spatial order, windows of 2x2 merge units (16 tokens)
+    else:  # per-row window ids 0..5 in raster order, windows of 2x2 merge units (16 tokens)
         assert qk.segments.shape == (3, 80) and qk.segments.max() == 5
-        units = qk.segments.view(3, 4, 5, 4)[0, :, :, 0]
+        units = qk.segments.view(3, 8, 10)[0, ::2, ::2]
         assert units.tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 2], [3, 3, 4, 4, 5], [3, 3, 4, 4, 5]]
 
 
@@ -249,8 +249,10 @@ def test_vision_to_llm_pools_statistics_per_merge_unit(adapter, video):
     out = adapter.vision_to_llm(hidden, video.grid, stats, video)
     assert out.features.shape == (3, 4, 5, 64) and out.specials.shape == (0, 64)
     assert out.stats["attention"].shape == (3, 4, 5) and out.stats["keys"].shape == (3, 4, 5, 16)
-    assert out.stats["attention"][0, 0, 0] == 1.5 and out.stats["attention"][1, 0, 1] == 80 + 4 + 1.5
-    torch.testing.assert_close(out.stats["keys"][2, 3, 4], stats["keys"][2, 76:80].mean(0))
+    # raster order of the 8x10 patch grid: merge unit (i, j) holds patches (2i..2i+1, 2j..2j+1)
+    assert out.stats["attention"][0, 0, 0] == (0 + 1 + 10 + 11) / 4
+    assert out.stats["attention"][1, 0, 1] == 80 + (2 + 3 + 12 + 13) / 4
+    torch.testing.assert_close(out.stats["keys"][2, 3, 4], stats["keys"][2, [68, 69, 78, 79]].mean(0))
 
 
 def test_a_changed_token_set_is_refused_with_a_clear_error(adapter, video):

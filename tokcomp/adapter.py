@@ -60,11 +60,25 @@ class VisionOutput:
 
 @dataclass
 class PromptLayout:
-    """The chat-formatted prompt with ``visual`` placeholder ids starting at ``start``."""
+    """The chat-formatted prompt with ``visual`` placeholder ids starting at ``start``.
+
+    The placeholders are one block ``start .. start + visual`` unless ``slots`` lists where they are:
+    models whose video prompt interleaves text with the visual tokens (Qwen3-VL writes a timestamp and
+    vision start / end markers around each temporal patch) give every placeholder's index in ``ids``,
+    content tokens in the uncompressed raster order, then the special tokens. The splice keeps every
+    non-placeholder id (text is never dropped, a row whose tokens are all dropped keeps its text).
+    """
 
     ids: Tensor  # (1, L) long
     start: int
     visual: int  # placeholders: content tokens + special tokens
+    slots: Tensor | None = None  # (visual,) long ascending indices into ids; None: start .. start + visual
+
+    def visual_slots(self) -> Tensor:
+        """(visual,) indices of the placeholders in ``ids``."""
+        if self.slots is not None:
+            return self.slots.to(self.ids.device)
+        return torch.arange(self.start, self.start + self.visual, device=self.ids.device)
 
 
 @dataclass
@@ -98,9 +112,14 @@ class ModelAdapter(Protocol):
 
     # vision encoder
     def embed_video(self, video: VideoInput) -> Tensor: ...  # (rows, tokens, D_vision)
-    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor: ...
-    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput) -> int | None: ...
-    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput) -> QK: ...
+    # ``grid``: the rows' current patch grid ((0, 0) when the tokens are no grid any more), as the
+    # intra-encoder hook left it; adapters whose blocks depend on geometry (Qwen's windows) follow it
+    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput,
+                     grid: tuple[int, int] | None = None) -> Tensor: ...
+    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput,
+                               grid: tuple[int, int] | None = None) -> int | None: ...
+    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput,
+                  grid: tuple[int, int] | None = None) -> QK: ...
     def vision_to_llm(self, hidden: Tensor, grid: tuple[int, int], stats: dict[str, Tensor],
                       video: VideoInput) -> VisionOutput: ...
 
@@ -142,6 +161,8 @@ class ModelDescription:
     specials: int
     position_rank: int
     contiguous_positions: bool
-    attention_pairs: Any = None  # Callable[[int, int, int, VideoInput], int | None] | None
+    attention_pairs: Any = None  # Callable[[int, int, int, VideoInput, tuple[int, int]], int | None] | None
     vision_hidden: int = 0
     context_length: int | None = None  # positions the LLM was trained for (text max_position_embeddings)
+    video_text_tokens: Any = None  # Callable[[VideoInput], int] | None: text ids the video itself adds (Qwen3-VL's
+    # timestamps and per-row vision markers), beyond count_prompt's; None: none

@@ -9,6 +9,7 @@ against the strategy registry when the experiment is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -49,7 +50,7 @@ class GeneratedVideoConfig:
 @dataclass
 class InputConfig:
     video: str | None = None  # a video file; null: the generated video
-    frames: int = 32
+    frames: int | None = None  # null: the model preset's own setting (ModelPreset.frames: 32 OV, 64 LLaVA-Video)
     prompt: str = "Describe what happens in the video."
     generated: GeneratedVideoConfig = field(default_factory=GeneratedVideoConfig)
 
@@ -197,7 +198,26 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
             raise ConfigError(f"experiment file {str(path)!r}: {str(exc).splitlines()[0]}") from exc
         _resolve_paths(cfg, path.parent)
     apply_overrides(cfg, overrides or [])
+    if cfg.input.frames is None:
+        cfg.input.frames = preset_frames(cfg.model.preset, tuple(cfg.plugins))
     return cfg
+
+
+DEFAULT_FRAMES = 32
+
+
+@functools.lru_cache(maxsize=32)
+def preset_frames(preset: str, plugins: tuple[str, ...] = ()) -> int:
+    """The frame count preset ``preset`` samples by default, resolved once here so the resolved config
+    (printed, logged, hashed for sweep resume) carries the number. An unknown preset or a plugin
+    that fails to load gives the default: the preflight checks report those with their own message."""
+    from tokcomp.errors import TokcompError
+    from tokcomp.plugins import Plugins
+
+    try:
+        return int(getattr(Plugins(list(plugins)).model(preset), "frames", DEFAULT_FRAMES))
+    except TokcompError:
+        return DEFAULT_FRAMES
 
 
 def _check_tree(cfg: Any, data: Any, prefix: str) -> None:

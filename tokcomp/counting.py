@@ -77,19 +77,23 @@ class CountingAdapter:
     def embed_video(self, video: VideoInput) -> Tensor:
         return torch.empty(video.rows, video.grid[0] * video.grid[1], self.description.vision_hidden or 1, device=META)
 
-    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
+    def vision_layer(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput,
+                     grid: tuple[int, int] | None = None) -> Tensor:
         return hidden
 
-    vision_attention_block = vision_layer
+    def vision_attention_block(self, index: int, hidden: Tensor, sizes: Tensor | None, video: VideoInput) -> Tensor:
+        return hidden
 
     def vision_mlp_block(self, index: int, hidden: Tensor, video: VideoInput) -> Tensor:
         return hidden
 
-    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput) -> int | None:
+    def vision_attention_pairs(self, index: int, rows: int, tokens: int, video: VideoInput,
+                               grid: tuple[int, int] | None = None) -> int | None:
         pairs = self.description.attention_pairs
-        return None if pairs is None else pairs(index, rows, tokens, video)
+        return None if pairs is None else pairs(index, rows, tokens, video, video.grid if grid is None else grid)
 
-    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput) -> QK:
+    def vision_qk(self, index: int, hidden: Tensor, queries: bool, video: VideoInput,
+                  grid: tuple[int, int] | None = None) -> QK:
         qk = hidden[:, None]
         return QK(qk if queries else None, qk, 1.0)
 
@@ -125,7 +129,7 @@ def _require(strategy: Strategy, method: str) -> None:
 
 
 def _grid_after(tokens: int, before: tuple[int, int], before_tokens: int) -> tuple[int, int]:
-    """A changed token count is a grid again when it is a square (input pooling), else no grid."""
+    """A changed token count a strategy planned without a grid is a grid again when it is a square, else none."""
     if tokens == before_tokens:
         return before
     side = math.isqrt(tokens)
@@ -148,12 +152,14 @@ class PlanningStack(CompressionStack):
     def intra_encoder(self, state: EncoderState) -> None:
         wanted = "encoder_mid_layers" if state.position == "attention" else "encoder_layers"
         frames, tokens = state.hidden.shape[:2]
+        grid: tuple[int, int] | None = None
         for s in self._at("intra_encoder", wanted, state.layer):
             _require(s, "plan_intra_encoder")
-            frames, tokens = s.plan_intra_encoder(self.info, state.layer, frames, tokens)
+            frames, tokens, *planned_grid = s.plan_intra_encoder(self.info, state.layer, frames, tokens)
+            grid = tuple(planned_grid[0]) if planned_grid else None
         if (frames, tokens) == tuple(state.hidden.shape[:2]):
             return
-        grid = _grid_after(tokens, state.grid, state.hidden.shape[1])
+        grid = grid or _grid_after(tokens, state.grid, state.hidden.shape[1])
         sources = state.frame_sources if frames == state.num_frames else [[i] for i in range(frames)]
         state.replace(torch.empty(frames, tokens, state.hidden.shape[2], device=META), frame_sources=sources,
                       grid=None if grid == (0, 0) else grid)

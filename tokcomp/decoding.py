@@ -49,14 +49,28 @@ class DecoderCache(DynamicCache):
 
 
 def attach_decoder_hooks(adapter: Any, stack: CompressionStack, cache: DecoderCache, visual_mask: Tensor,
-                         visual_group: Tensor, positions: Tensor, ledger: TokenLedger) -> DecoderHooks | None:
-    """Register the hooks on the adapter's decoder layers when a strategy needs them (else None)."""
+                         visual_group: Tensor, positions: Tensor, ledger: TokenLedger,
+                         residuals: dict[int, Tensor] | None = None) -> DecoderHooks | None:
+    """Register the hooks on the adapter's decoder layers when a strategy needs them, or when visual
+    ``residuals`` must be added to some layers' outputs during prefill (else None).
+
+    ``residuals``: decoder layer -> (N, D), one row per visual entry of the prefill sequence (in
+    sequence order), added to that layer's output at the visual entries alive there (Qwen3-VL's
+    DeepStack), so the injection follows every inner-LLM drop made at or before that layer."""
     statistics = (layers for name, layers in stack.statistics.items() if STATISTICS[name].where == "llm")
-    if not (stack.llm_layers or stack.decode_layers or any(statistics)):
+    strategies = bool(stack.llm_layers or stack.decode_layers or any(statistics))
+    if not (strategies or residuals):
         return None
     hooks = DecoderHooks(adapter, stack, cache, visual_mask, visual_group, positions, ledger)
-    hooks.handles = [layer.register_forward_pre_hook(hooks.hook_for(i), with_kwargs=True)
-                     for i, layer in enumerate(adapter.decoder_layers)]
+    layers = adapter.decoder_layers
+    if strategies:
+        hooks.handles = [layer.register_forward_pre_hook(hooks.hook_for(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
+    for i, residual in (residuals or {}).items():
+        if residual.shape[0] != int(visual_mask.sum()):
+            raise StrategyContractError(f"decoder layer {i}: {residual.shape[0]} visual residuals for "
+                                        f"{int(visual_mask.sum())} visual entries")
+        hooks.handles.append(layers[i].register_forward_hook(hooks.residual_hook(residual)))
     return hooks
 
 
@@ -105,6 +119,23 @@ class DecoderHooks:
             if self.prefill:
                 return self._prefill(index, module, args, kwargs)
             return self._decode(index, module, args, kwargs)
+        return hook
+
+    def residual_hook(self, residual: Tensor):
+        """A forward hook adding ``residual`` rows to the layer's output at the alive visual entries (prefill only)."""
+        token_of = torch.cumsum(self.visual_mask.long(), 0) - 1  # full sequence entry -> visual token row
+
+        def hook(module, args, output):
+            if not self.prefill:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            alive = self.alive if self.alive is not None else torch.arange(hidden.shape[1], device=self.visual_mask.device)
+            visual = self.visual_mask[alive]
+            rows = token_of[alive[visual]]
+            hidden = hidden.clone()
+            visual = visual.to(hidden.device)
+            hidden[0, visual] = hidden[0, visual] + residual[rows.to(residual.device)].to(hidden.device, hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
     # ---- prefill ---------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ class ModelDims:
     temporal_patch_size: int = 1  # frames in one 3-D patch (Qwen2.5-VL: 2)
     projector_group: int = 1  # encoder tokens concatenated per projector input (Qwen2.5-VL's 2x2 merger: 4)
     vision_head_dim: int | None = None  # None: vision_hidden // vision_heads
+    projector_count: int = 1  # projectors run on the same inputs (Qwen3-VL: the merger + one per DeepStack layer)
 
     @property
     def vision_attention_width(self) -> int:
@@ -205,12 +206,13 @@ def projector_macs(ledger: TokenLedger, dims: ModelDims) -> int:
     LLaVA-OV: every frame token is one input (``projector_group`` 1); the bilinear 2x2 pooling that
     follows is an interpolation, not a matmul, so it counts 0. Qwen2.5-VL's patch merger
     concatenates the 4 patches of each 2x2 unit of a row (``projector_group`` 4) into one input
-    (a partial group would be one more input); its RMSNorm counts 0.
+    (a partial group would be one more input); its RMSNorm counts 0. Qwen3-VL runs its merger and one
+    DeepStack merger per DeepStack layer on the same inputs (``projector_count``).
     """
     group = dims.projector_group
     inputs = ledger.vision_out_frames * -(-ledger.vision_out_tokens_per_frame // group)
     per_input = dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
-    return inputs * per_input
+    return inputs * per_input * dims.projector_count
 
 
 def llm_layer_macs(length: int, dims: ModelDims) -> int:

@@ -31,7 +31,8 @@ def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", help="experiment YAML (else --model)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the experiment")
     parser.add_argument("--model", help="model preset, for the uncompressed model or an explicit schedule")
-    parser.add_argument("--frames", type=int, default=32, help="frames (with --model; default 32)")
+    parser.add_argument("--frames", type=int, help="frames (with --model; default: the preset's, 32 for "
+                                                    "LLaVA-OneVision, 64 for LLaVA-Video)")
     parser.add_argument("--weights", default="random", help="with --model: random (default), pretrained or a path")
     parser.add_argument("--text-tokens", type=int, help="prompt text tokens (default: counted from the prompt)")
     parser.add_argument("--visual-tokens", type=int, help="video tokens reaching the LLM (special tokens excluded)")
@@ -60,7 +61,7 @@ def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
     from tokcomp.plugins import Plugins
     from tokcomp.preflight import check_weights
 
-    if args.frames < 1:
+    if args.frames is not None and args.frames < 1:
         raise ConfigError(f"--frames must be at least 1, got {args.frames}")
     for option in ("height", "width", "text_tokens"):
         value, least = getattr(args, option), 0 if option == "text_tokens" else 1
@@ -68,6 +69,8 @@ def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
             raise ConfigError(f"--{option.replace('_', '-')} must be at least {least}, got {value}")
     preset = Plugins().model(args.model)
     check_weights(args.weights, preset, what="--weights")
+    if args.frames is None:
+        args.frames = preset.frames
     description = preset.describe(_spec(args))
     text = args.text_tokens
     if text is None:

@@ -50,7 +50,7 @@ def vision_statistics(adapter: ModelAdapter, index: int, state: EncoderState, na
     """The requested statistics of one vision layer from its input (q/k recomputed, never eager attention),
     each over the attention segments the layer uses (whole rows, or windows). ``names`` and the keys of
     the result are the statistics' EncoderState fields (``attention``, ``keys``, ``saliency``)."""
-    qk = adapter.vision_qk(index, state.hidden, bool(names & {"attention", "saliency"}), video)
+    qk = adapter.vision_qk(index, state.hidden, bool(names & {"attention", "saliency"}), video, grid=state.grid)
     bias = _log_sizes(state.sizes)
     out = {}
     if "attention" in names:
@@ -60,6 +60,21 @@ def vision_statistics(adapter: ModelAdapter, index: int, state: EncoderState, na
     if "saliency" in names:
         out["saliency"] = mean_query_saliency(qk.q, qk.k, qk.scale, bias=bias)
     return out
+
+
+def original_sources(video: VideoInput, frame_sources: list[list[int]], grid: tuple[int, int],
+                     device: torch.device) -> Tensor:
+    """Each token leaving the encoder as an index into the uncompressed video's LLM tokens, for models
+    whose kept tokens keep their original positions (M-RoPE). A row stands for the earliest input frame
+    it holds (merged rows take the first one's time); a cell of a coarser grid (input pooling) for the
+    uncompressed cell under its centre. Unchanged rows and grids map to themselves."""
+    (h, w), (H, W) = grid, video.llm_grid
+    row_of = {f: r for r, frames in enumerate(video.row_frames) for f in frames}
+    rows = torch.tensor([row_of[min(s)] for s in frame_sources], device=device)
+    r = ((torch.arange(h, device=device) * 2 + 1) * H) // (2 * h)
+    c = ((torch.arange(w, device=device) * 2 + 1) * W) // (2 * w)
+    cells = (r[:, None] * W + c[None]).reshape(-1)
+    return (rows[:, None] * (H * W) + cells[None]).reshape(-1)
 
 
 def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionStack,
@@ -72,7 +87,8 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     """
     info = stack.info
     state = EncoderState(layer=-1, num_layers=info.vision_layers, hidden=adapter.embed_video(video), grid=video.grid,
-                         frame_sources=[list(f) for f in video.row_frames], position="input")
+                         frame_sources=[list(f) for f in video.row_frames], position="input",
+                         grid_multiple=info.grid_multiple)
     ledger.input_frames = video.frames
     ledger.embedded_tokens = state.hidden.shape[0] * state.hidden.shape[1]
     if -1 in stack.encoder_layers:
@@ -89,11 +105,13 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     flat: Tensor | None = None
     for i in range(info.vision_layers):
         rows, tokens = state.hidden.shape[:2]
-        entry = VisionLayerEntry(rows, tokens, attention_pairs=adapter.vision_attention_pairs(i, rows, tokens, video))
+        grid = state.grid
+        pairs = adapter.vision_attention_pairs(i, rows, tokens, video, grid=grid)
+        entry = VisionLayerEntry(rows, tokens, attention_pairs=pairs)
         ledger.vision_layers.append(entry)
         names = {name for name, layers in wanted.items() if i in layers}
         if flat is not None and (names or i in stack.encoder_mid_layers):
-            state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video), None
+            state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video, grid=grid), None
         stats: dict[str, Tensor] = {}
         if names:
             with stack.clock.stage("token_processing"):
@@ -109,12 +127,13 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
             if state.hidden.shape[0] != entry.frames:
                 raise StrategyContractError(f"vision layer {i}: frames cannot change between attention and MLP")
             state.hidden = adapter.vision_mlp_block(i, state.hidden, video)
-        elif in_order is not None and state.sizes is None and (rows, tokens) == (video.rows, video.grid[0] * video.grid[1]):
-            flat = in_order(i, adapter.to_layer_order(state.hidden, video) if flat is None else flat, video)
+        elif in_order is not None and state.sizes is None and tokens == grid[0] * grid[1] > 0:
+            flat = in_order(i, adapter.to_layer_order(state.hidden, video, grid=grid) if flat is None else flat, video,
+                            rows=rows, grid=grid)
             if i in stack.encoder_layers or i in rider_layers or i == info.vision_layers - 1:
-                state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video), None
+                state.hidden, flat = adapter.from_layer_order(flat, rows, tokens, video, grid=grid), None
         else:
-            state.hidden = adapter.vision_layer(i, state.hidden, _log_sizes(state.sizes), video)
+            state.hidden = adapter.vision_layer(i, state.hidden, _log_sizes(state.sizes), video, grid=grid)
         state.layer, state.position = i, "layer"
         if i in rider_layers:
             state.riders = adapter.vision_riders(i, state.hidden, state.riders, video)
@@ -131,6 +150,8 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     out = (adapter.vision_to_llm(state.hidden, state.grid, kept, video) if state.riders is None
            else adapter.vision_to_llm(state.hidden, state.grid, kept, video, riders=state.riders))
     tokens = VisualTokens.from_grid(out.features, out.stats, state.frame_sources, state.meta, out.riders)
+    if not adapter.contiguous_positions:
+        tokens.source = original_sources(video, state.frame_sources, tokens.grid, tokens.source.device)
     ledger.pooled_tokens_per_frame = tokens.grid[0] * tokens.grid[1]
     ledger.uncompressed_visual_tokens = video.rows * video.llm_grid[0] * video.llm_grid[1]
     ledger.visual_tokens_before_pre_llm = tokens.num_tokens
@@ -141,15 +162,56 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
     return tokens, out.specials
 
 
+def prompt_visual_tokens(adapter: ModelAdapter, ledger: TokenLedger) -> int:
+    """Content tokens of the prompt the splice takes ids and positions from: the uncompressed video's on
+    models whose kept tokens keep their original positions (M-RoPE; ``source`` indexes that video), the
+    tokens leaving the encoder on models that number a shorter prompt contiguously (LLaVA)."""
+    return ledger.visual_tokens_before_pre_llm if adapter.contiguous_positions else ledger.uncompressed_visual_tokens
+
+
 @dataclass
 class Splice:
-    """The prompt with the kept visual tokens: embeddings, position ids (R, L), which entries are visual."""
+    """The prompt with the kept visual tokens: embeddings, position ids (R, L), which entries are visual.
+
+    ``riders``: the kept tokens' riders (Qwen3-VL's DeepStack features), one row per visual entry in
+    sequence order (the order of ``visual_mask``'s True entries); None when the model has none."""
 
     embeds: Tensor
     positions: Tensor
     visual_mask: Tensor
     visual_group: Tensor
     text_tokens: int
+    riders: Tensor | None = None
+
+
+def _interleaved_order(slots: Tensor, uncompressed: int, source: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each entry of the spliced sequence comes from, for placeholders interleaved with text.
+
+    The placeholders form runs (one per Qwen3-VL row, between its timestamp and vision markers); every
+    text id is kept in place, and a kept token goes into the run that holds its source slot, in the
+    tokens' own order within the run, followed by the run's special tokens. Returns the index into the
+    prompt ids of every entry, its kind (0 text, 1 visual token, 2 special) and the visual tokens'
+    order (token indices as they appear). With one run this is the contiguous splice."""
+    device = slots.device
+    n, s = source.numel(), slots.numel() - uncompressed
+    is_slot = torch.zeros(length, dtype=torch.bool, device=device)
+    is_slot[slots] = True
+    new_run = torch.ones(slots.numel(), dtype=torch.long, device=device)
+    new_run[1:] = (slots[1:] != slots[:-1] + 1).long()
+    run = torch.cumsum(new_run, 0) - 1
+    run_start = slots[new_run.bool()]
+    text = torch.nonzero(~is_slot, as_tuple=False).flatten()
+    stride = max(n, s) + 1
+    keys = torch.cat([text * 3 * stride,
+                      run_start[run[source]] * 3 * stride + stride + torch.arange(n, device=device),
+                      run_start[run[uncompressed:]] * 3 * stride + 2 * stride + torch.arange(s, device=device)])
+    where = torch.cat([text, slots[source], slots[uncompressed:]])
+    kind = torch.cat([torch.zeros_like(text), torch.ones(n, dtype=torch.long, device=device),
+                      torch.full((s,), 2, dtype=torch.long, device=device)])
+    token = torch.cat([torch.full_like(text, -1), torch.arange(n, device=device), torch.full((s,), -1, device=device)])
+    order = torch.argsort(keys)
+    kind = kind[order]
+    return where[order], kind, token[order][kind == 1]
 
 
 def splice(adapter: ModelAdapter, video: VideoInput, prompt: str, tokens: VisualTokens, specials: Tensor,
@@ -158,35 +220,51 @@ def splice(adapter: ModelAdapter, video: VideoInput, prompt: str, tokens: Visual
 
     Kept tokens keep their original position ids (columns of the uncompressed prompt's positions)
     when the strategy says so or the model's positions are a grid (M-RoPE); otherwise they are
-    numbered contiguously, as LLaVA numbers its (shorter) prompt.
+    numbered contiguously, as LLaVA numbers its (shorter) prompt. When the prompt interleaves text with
+    the placeholders (``PromptLayout.slots``), every text id stays and each kept token goes into its
+    own row's run (``_interleaved_order``).
     """
     n, s = tokens.num_tokens, specials.shape[0]
     layout = adapter.prompt(prompt, video, uncompressed + s)
     start, full = layout.start, layout.ids.shape[1]
     device = layout.ids.device
-    after = start + uncompressed
-    index = torch.cat([torch.arange(start, device=device), start + tokens.source.to(device),
-                       torch.arange(after, full, device=device)])
-    ids = layout.ids[:, index]
-    embeds = adapter.embed_tokens(ids)
-    embeds[0, start : start + n] = tokens.features.to(embeds.dtype)
-    if s:
-        embeds[0, start + n : start + n + s] = specials.to(embeds.dtype)
-    length = ids.shape[1]
     if tokens.original_positions and adapter.contiguous_positions and n > 1 and bool(
             (tokens.source[1:] <= tokens.source[:-1]).any()):
         raise StrategyContractError("pre-LLM: original_positions on a 1-D RoPE model needs the tokens in "
                                     "ascending source order (positions would run backwards)")
+    riders = tokens.riders
+    if layout.slots is None:
+        after = start + uncompressed
+        index = torch.cat([torch.arange(start, device=device), start + tokens.source.to(device),
+                           torch.arange(after, full, device=device)])
+        ids = layout.ids[:, index]
+        embeds = adapter.embed_tokens(ids)
+        embeds[0, start : start + n] = tokens.features.to(embeds.dtype)
+        if s:
+            embeds[0, start + n : start + n + s] = specials.to(embeds.dtype)
+        visual_mask = torch.zeros(ids.shape[1], dtype=torch.bool, device=device)
+        visual_mask[start : start + n] = True
+        order = None
+    else:
+        index, kind, order = _interleaved_order(layout.visual_slots(), uncompressed, tokens.source.to(device), full)
+        ids = layout.ids[:, index]
+        embeds = adapter.embed_tokens(ids)
+        visual_mask = kind == 1
+        embeds[0, visual_mask] = tokens.features[order.to(tokens.features.device)].to(embeds.dtype)
+        if s:
+            embeds[0, kind == 2] = specials.to(embeds.dtype)
+        if riders is not None:
+            riders = riders[order.to(riders.device)]
+    length = ids.shape[1]
     if tokens.original_positions or not adapter.contiguous_positions:
         positions = adapter.full_positions(layout, video)[:, index]
     else:
         positions = torch.arange(length, device=device)[None]
-    visual_mask = torch.zeros(length, dtype=torch.bool, device=device)
-    visual_mask[start : start + n] = True
     visual_group = torch.full((length,), -1, dtype=torch.long, device=device)
     if tokens.group is not None:
-        visual_group[start : start + n] = tokens.group.to(device)
-    return Splice(embeds, positions, visual_mask, visual_group, length - n - s)
+        group = tokens.group.to(device)
+        visual_group[visual_mask] = group if order is None else group[order]
+    return Splice(embeds, positions, visual_mask, visual_group, length - n - s, riders)
 
 
 class _Decoder:
@@ -234,11 +312,15 @@ def prefill(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: Compre
     The hooks stay attached for decoding; the caller removes them (``hooks.remove()``)."""
     with clock.stage("vision"):
         tokens, specials = encode_video(adapter, video, stack, ledger)
-    spliced = splice(adapter, video, prompt, tokens, specials, ledger.visual_tokens_before_pre_llm)
+    spliced = splice(adapter, video, prompt, tokens, specials, prompt_visual_tokens(adapter, ledger))
     ledger.text_tokens = spliced.text_tokens
     cache = adapter.new_cache()
+    # Riders that re-enter the LLM (Qwen3-VL's DeepStack: added to the output of the first decoder layers
+    # at the visual entries still alive there); the adapter says which layer gets which slice.
+    residuals = (adapter.decoder_riders(spliced.riders)
+                 if spliced.riders is not None and hasattr(adapter, "decoder_riders") else None)
     hooks = attach_decoder_hooks(adapter, stack, cache, spliced.visual_mask, spliced.visual_group,
-                                 spliced.positions, ledger)
+                                 spliced.positions, ledger, residuals)
     try:
         with clock.stage("prefill"):
             logits = adapter.forward_llm(spliced.embeds, spliced.positions, cache)

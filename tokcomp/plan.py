@@ -19,7 +19,7 @@ from tokcomp.ledger import TokenLedger
 from tokcomp.ops.windows import split_sizes
 from tokcomp.strategy import ModelInfo, Strategy
 
-__all__ = ["PlannedTokens", "ScheduleUnknown", "plan_ledger", "schedule_ledger"]
+__all__ = ["PlannedTokens", "ScheduleUnknown", "plan_ledger", "prompt_text_tokens", "schedule_ledger"]
 
 
 def _description(model: Any) -> ModelDescription:
@@ -34,6 +34,15 @@ def plan_ledger(model: Any, frames: int, text_tokens: int, strategies: Sequence[
     their budget."""
     description = _description(model)
     return plan(description, description.video(frames, height, width), text_tokens, strategies, nominal)
+
+
+def prompt_text_tokens(model: Any, prompt: str, frames: int, height: int | None = None,
+                       width: int | None = None) -> int:
+    """All text ids of a run's prompt (the ledger's ``text_tokens``): the chat-formatted ``prompt`` plus the
+    text the video adds on models that write some between its rows (Qwen3-VL's timestamps)."""
+    description = _description(model)
+    extra = description.video_text_tokens
+    return description.count_prompt(prompt) + (extra(description.video(frames, height, width)) if extra else 0)
 
 
 @dataclass

@@ -65,7 +65,7 @@ class EncoderState:
     saliency: Tensor | None = None  # (frames, tokens): per-frame mean-query attention, on request
     sizes: Tensor | None = None  # (frames, tokens): merged-token sizes; later layers use proportional attention
     riders: Tensor | None = None  # (frames, tokens, C): per-token features that follow every drop and merge
-
+    grid_multiple: int = 1  # ModelInfo.grid_multiple: a changed grid's sides must be multiples of it
 
     @property
     def num_frames(self) -> int:

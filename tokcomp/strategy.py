@@ -43,6 +43,7 @@ class ModelInfo:
     llm_hidden: int
     family: str = ""
     capabilities: frozenset[str] = frozenset()
+    grid_multiple: int = 1  # a changed patch grid's sides must be multiples of this (Qwen's 2x2 patch merger: 2)
 
     def for_video(self, vision_grid: tuple[int, int], pooled_grid: tuple[int, int]) -> ModelInfo:
         return dataclasses.replace(self, vision_grid=tuple(vision_grid), pooled_grid=tuple(pooled_grid))
@@ -116,8 +117,10 @@ class Strategy:
         """Called before each forward pass: reset per-run state, seed randomness."""
 
     # --- declared token schedules (override when counts follow from the parameters alone) ---
-    def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int, tokens: int) -> tuple[int, int]:
-        """(frames, tokens per frame) after this strategy acts at vision layer ``layer``."""
+    def plan_intra_encoder(self, info: ModelInfo, layer: int, frames: int,
+                           tokens: int) -> tuple[int, int] | tuple[int, int, tuple[int, int]]:
+        """(frames, tokens per frame) after this strategy acts at vision layer ``layer``, plus the new
+        patch grid (h, w) when the tokens form a grid of another shape (input pooling)."""
         raise NotImplementedError
 
     def plan_pre_llm(self, info: ModelInfo, tokens: Any) -> None:

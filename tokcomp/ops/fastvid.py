@@ -9,6 +9,8 @@ No model knowledge lives here; ``tokcomp.strategies.fastvid`` wires it to the pr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -93,6 +95,72 @@ def density_top(features: Tensor, candidates: Tensor, n: int, k: int) -> Tensor:
     return candidates[topk_indices(score, n).to(candidates.device)]
 
 
+class FastVIDPlan(NamedTuple):
+    """FastVID's decisions (:func:`fastvid_plan`), applicable to the features and to any tensor aligned
+    with them, e.g. riders (:func:`fastvid_apply`). ``merges``: per segment with a context budget,
+    (anchors (K,), pool (M,) the tokens merged into them, assignment (M,) each one's anchor position)."""
+
+    salient: list[Tensor]  # per frame: indices kept as they are
+    merges: list[tuple[Tensor, Tensor, Tensor]]
+    beta: float
+
+
+def fastvid_plan(
+    features: Tensor,
+    members: list[Tensor],
+    saliency: Tensor,
+    global_features: Tensor,
+    *,
+    ratio: float,
+    c: int,
+    tau: float,
+    d: float,
+    p: int,
+    beta: float,
+    k: int,
+) -> FastVIDPlan:
+    """Which tokens FastVID keeps and what it merges into each context token (see :func:`fastvid_select`)."""
+    salient, non_salient, context = [], [], []
+    for idx in members:
+        _, n_salient, n_context = budget(idx.numel(), ratio, d)
+        chosen = topk_indices(saliency[idx], n_salient).to(idx.device)
+        is_salient = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+        is_salient[chosen] = True
+        salient.append(idx[is_salient])
+        non_salient.append(idx[~is_salient])
+        context.append(n_context)
+    merges = []
+    for first, last in dynamic_segments(global_features, c, tau):
+        frames = range(first, last + 1)
+        offsets = anchor_offsets(len(frames), p)
+        slots = context_slots(sum(context[f] for f in frames), len(offsets))
+        anchors = torch.cat([density_top(features, non_salient[first + o], slots, k) for o in offsets])
+        if anchors.numel() == 0:
+            continue  # no context budget: the segment's non-salient tokens are dropped
+        pool = torch.cat([non_salient[f] for f in frames])
+        pool = pool[~torch.isin(pool, anchors)]
+        assignment = nearest_kept(features, anchors, pool) if pool.numel() else pool
+        merges.append((anchors, pool, assignment))
+    return FastVIDPlan(salient, merges, beta)
+
+
+def fastvid_apply(x: Tensor, plan: FastVIDPlan) -> tuple[Tensor, Tensor]:
+    """(kept indices into ``x`` (N, C), ascending; their new values (K, C)): salient tokens as they are,
+    each anchor the DTM merge (:func:`weighted_merge`) of the tokens the plan assigns to it."""
+    kept, merged = list(plan.salient), [x[s] for s in plan.salient]
+    for anchors, pool, assignment in plan.merges:
+        anchor_x = x[anchors]
+        if pool.numel():
+            anchor_x = weighted_merge(anchor_x, x[pool], assignment, plan.beta)
+        kept.append(anchors)
+        merged.append(anchor_x)
+    if not kept:
+        return x.new_zeros(0, dtype=torch.long), x[:0]
+    kept_idx, kept_x = torch.cat(kept), torch.cat(merged)
+    order = torch.argsort(kept_idx)
+    return kept_idx[order], kept_x[order]
+
+
 def fastvid_select(
     features: Tensor,
     members: list[Tensor],
@@ -114,33 +182,6 @@ def fastvid_select(
     tokens. A segment of one frame is the same rule with its only frame as anchor. An anchor
     frame with fewer non-salient tokens than slots contributes all of them.
     """
-    salient, non_salient, context = [], [], []
-    for idx in members:
-        _, n_salient, n_context = budget(idx.numel(), ratio, d)
-        chosen = topk_indices(saliency[idx], n_salient).to(idx.device)
-        is_salient = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
-        is_salient[chosen] = True
-        salient.append(idx[is_salient])
-        non_salient.append(idx[~is_salient])
-        context.append(n_context)
-    kept, merged = list(salient), [features[s] for s in salient]
-    for first, last in dynamic_segments(global_features, c, tau):
-        frames = range(first, last + 1)
-        offsets = anchor_offsets(len(frames), p)
-        slots = context_slots(sum(context[f] for f in frames), len(offsets))
-        anchors = torch.cat([density_top(features, non_salient[first + o], slots, k) for o in offsets])
-        if anchors.numel() == 0:
-            continue  # no context budget: the segment's non-salient tokens are dropped
-        pool = torch.cat([non_salient[f] for f in frames])
-        pool = pool[~torch.isin(pool, anchors)]
-        anchor_features = features[anchors]
-        if pool.numel():
-            assignment = nearest_kept(features, anchors, pool)
-            anchor_features = weighted_merge(anchor_features, features[pool], assignment, beta)
-        kept.append(anchors)
-        merged.append(anchor_features)
-    if not kept:
-        return features.new_zeros(0, dtype=torch.long), features[:0]
-    kept_idx, kept_features = torch.cat(kept), torch.cat(merged)
-    order = torch.argsort(kept_idx)
-    return kept_idx[order], kept_features[order]
+    plan = fastvid_plan(features, members, saliency, global_features, ratio=ratio, c=c, tau=tau, d=d, p=p,
+                        beta=beta, k=k)
+    return fastvid_apply(features, plan)

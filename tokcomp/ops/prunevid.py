@@ -108,14 +108,20 @@ def static_positions(window: Tensor, tau: float) -> Tensor:
     return off_diagonal / (w * (w - 1)) > tau
 
 
+def spatial_clustering(x: Tensor, ratio: float, k: int) -> tuple[Tensor, Tensor]:
+    """DPC-KNN clustering of the tokens x (n, D) into max(1, int(n * ratio)) clusters: (centres (C,)
+    indices into x, in descending DPC score; assignment (n,) each token's position in centres)."""
+    c = max(1, min(x.shape[0], int(x.shape[0] * ratio)))
+    return dpc_knn_cluster(x, c, k)
+
+
 def spatial_clusters(x: Tensor, ratio: float, k: int) -> tuple[Tensor, Tensor]:
     """DPC-KNN cluster means of the tokens x (n, D) into max(1, int(n * ratio)) clusters.
 
     Returns (means (C, D) in x's dtype, centres (C,) indices into x), both in the clustering's
     centre order (descending DPC score), which is the order the merged tokens take.
     """
-    c = max(1, min(x.shape[0], int(x.shape[0] * ratio)))
-    centres, assignment = dpc_knn_cluster(x, c, k)
+    centres, assignment = spatial_clustering(x, ratio, k)
     return cluster_means(x, assignment, centres.numel()), centres
 
 
@@ -142,17 +148,19 @@ class OuterResult:
     position: Tensor  # (M,) long
     group: Tensor  # (M,) long
     segments: list[tuple[int, int]]
+    riders: Tensor | None = None  # (M, C): the riders given, merged like the features
 
 
 def merge_frames_dynamic(frames: Tensor, temporal_segment_ratio: float, tau: float, cluster_ratio: float,
-                         k: int, min_dynamic_tokens: int) -> OuterResult:
+                         k: int, min_dynamic_tokens: int, riders: Tensor | None = None) -> OuterResult:
     """PruneVid's outer stage on ``frames`` (T, n, D).
 
     Segments from DPC-KNN over int(T * temporal_segment_ratio) clusters (at least one); per
     segment: static positions averaged over its frames and merged into DPC-KNN cluster means;
     then each frame's dynamic tokens, merged likewise when there are more than
     ``min_dynamic_tokens`` of them, else kept in spatial order. Output per segment:
-    [static, dynamic of each frame in order].
+    [static, dynamic of each frame in order]. ``riders`` (T, n, C), aligned with ``frames``
+    (Qwen3-VL's DeepStack features), are averaged and clustered with the features' clusters.
     """
     t, n, _ = frames.shape
     device = frames.device
@@ -161,10 +169,13 @@ def merge_frames_dynamic(frames: Tensor, temporal_segment_ratio: float, tau: flo
     frame_ids: list[Tensor] = []
     positions: list[Tensor] = []
     labels: list[Tensor] = []
+    rider_parts: list[Tensor] = []
     group = 0
 
-    def emit(f: Tensor, frame: int, pos: Tensor, label: int) -> None:
+    def emit(f: Tensor, frame: int, pos: Tensor, label: int, r: Tensor | None) -> None:
         feats.append(f)
+        if r is not None:
+            rider_parts.append(r)
         frame_ids.append(torch.full((pos.numel(),), frame, dtype=torch.long, device=device))
         positions.append(pos.long())
         labels.append(torch.full((pos.numel(),), label, dtype=torch.long, device=device))
@@ -176,19 +187,25 @@ def merge_frames_dynamic(frames: Tensor, temporal_segment_ratio: float, tau: flo
         dynamic_idx = torch.nonzero(~static, as_tuple=False).flatten()
         if static_idx.numel():
             mean = window[:, static_idx].float().mean(dim=0).to(frames.dtype)
-            merged, centres = spatial_clusters(mean, cluster_ratio, k)
-            emit(merged, first, static_idx[centres], static_label(group))
+            centres, assignment = spatial_clustering(mean, cluster_ratio, k)
+            rider_mean = None if riders is None else riders[first : last + 1, static_idx].float().mean(dim=0).to(riders.dtype)
+            emit(cluster_means(mean, assignment, centres.numel()), first, static_idx[centres], static_label(group),
+                 None if rider_mean is None else cluster_means(rider_mean, assignment, centres.numel()))
             group += 1
         if dynamic_idx.numel():
             for f in range(first, last + 1):
                 tokens = frames[f, dynamic_idx]
+                rider_tokens = None if riders is None else riders[f, dynamic_idx]
                 if dynamic_idx.numel() > min_dynamic_tokens:
-                    merged, centres = spatial_clusters(tokens, cluster_ratio, k)
-                    emit(merged, f, dynamic_idx[centres], dynamic_label(group))
+                    centres, assignment = spatial_clustering(tokens, cluster_ratio, k)
+                    emit(cluster_means(tokens, assignment, centres.numel()), f, dynamic_idx[centres],
+                         dynamic_label(group),
+                         None if rider_tokens is None else cluster_means(rider_tokens, assignment, centres.numel()))
                 else:
-                    emit(tokens, f, dynamic_idx, dynamic_label(group))
+                    emit(tokens, f, dynamic_idx, dynamic_label(group), rider_tokens)
                 group += 1
-    return OuterResult(torch.cat(feats), torch.cat(frame_ids), torch.cat(positions), torch.cat(labels), segments)
+    return OuterResult(torch.cat(feats), torch.cat(frame_ids), torch.cat(positions), torch.cat(labels), segments,
+                       torch.cat(rider_parts) if riders is not None else None)
 
 
 def group_topk(scores: Tensor, labels: Tensor, alpha: float) -> Tensor:

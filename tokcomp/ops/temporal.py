@@ -198,6 +198,16 @@ def merge_plan(hidden: Tensor, variant: Variant, tau_seg: float, alpha: float, m
     return plan_merge(sim, segments, variant, tau_merge)
 
 
+def equal_weights(rows: Sequence[MergeRow]) -> list[MergeRow]:
+    """The plan with every merge a plain mean: the frames a row gives a non-zero weight to share it
+    equally (the paper's "w/o weighted frame merging" ablation); dropped frames stay dropped."""
+    out = []
+    for row in rows:
+        members = [f for f, w in row if w != 0.0]
+        out.append(tuple((f, 1.0 / len(members)) for f in members) if len(members) > 1 else ((members[0], 1.0),))
+    return out
+
+
 def apply_plan(x: Tensor, rows: Sequence[MergeRow]) -> Tensor:
     """Apply a merge plan to any per-frame tensor (frames, ...) -> (len(rows), ...), in ``x``'s dtype.
 
