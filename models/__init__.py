@@ -12,8 +12,10 @@ from tokcomp.models.base import ModelPreset
 from tokcomp.hookspecs import hookimpl
 
 _LLAVA_OV, _QWEN2_5_VL = "llava_onevision", "qwen2_5_vl"
-# LLaVA-OneVision's adapter runs SigLIP layer by layer on frames x tokens (and can split a layer).
+# LLaVA-OneVision's adapter runs SigLIP layer by layer on frames x tokens (and can split a layer); the Qwen
+# adapters run their towers on any rows of temporal patches and any even patch grid, not on token subsets.
 LLAVA_ONEVISION_CAPABILITIES = frozenset({"intra_encoder", "vision_split"})
+QWEN_CAPABILITIES = frozenset({"intra_encoder"})
 
 
 def _call(module: str, function: str, spec, preset: str):
@@ -64,8 +66,8 @@ def tokcomp_register_models(register):
                    summary="LLaVA-Video-7B-Qwen2 (64 frames): weights: random (bundled config) or pretrained / hub id / "
                            "path; transformers pools it as OneVision (bilinear, one newline)",
                    dims=_bundled_dims("llava-video-7b", _siglip), hub_id="llava-hf/LLaVA-Video-7B-Qwen2-hf"))
-    # Qwen2.5-VL's vision blocks need the full patch grid (windows, 2-D rotary): no intra-encoder hook yet.
-    qwen = partial(_preset, family=_QWEN2_5_VL, module="qwen2_5_vl")
+    # Qwen2.5-VL: windows, boundaries and 2-D rotary positions are rebuilt for the rows and grid a hook leaves.
+    qwen = partial(_preset, family=_QWEN2_5_VL, module="qwen2_5_vl", capabilities=QWEN_CAPABILITIES)
     register(qwen("qwen2.5-vl-tiny", summary="random-weight Qwen2.5-VL built in code (byte tokenizer, frames resized "
                                              "to about 112x112 px), for tests",
                   dims={"vision": "Qwen2.5-ViT 4L/32d window 56px", "llm": "Qwen2 4L/64d GQA 4/2"}))
@@ -74,9 +76,8 @@ def tokcomp_register_models(register):
         register(qwen(name, summary=f"Qwen2.5-VL {size.upper()}-Instruct: weights: random (bundled config) or "
                                     "pretrained / hub id / path",
                       dims=_bundled_dims(name, _qwen_vit), hub_id=f"Qwen/Qwen2.5-VL-{size.upper()}-Instruct"))
-    # Qwen3-VL: DeepStack states ride with the tokens; timestamps between rows; full patch grid needed (no
-    # intra-encoder hook yet).
-    qwen3 = partial(_preset, family="qwen3_vl", module="qwen3_vl")
+    # Qwen3-VL: DeepStack states ride with the tokens through every drop and merge; timestamps between rows.
+    qwen3 = partial(_preset, family="qwen3_vl", module="qwen3_vl", capabilities=QWEN_CAPABILITIES)
     register(qwen3("qwen3-vl-tiny", summary="random-weight Qwen3-VL built in code (byte tokenizer, DeepStack from "
                                             "3 of 4 vision blocks, frames resized to 128x128 px), for tests",
                    dims={"vision": "Qwen3-ViT 4L/32d DeepStack 1,2,3", "llm": "Qwen3 4L/64d GQA 4/2"}))

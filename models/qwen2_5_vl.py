@@ -34,7 +34,11 @@ from tokcomp.strategy import ModelInfo
 FAMILY, TINY = "qwen2_5_vl", "qwen2.5-vl-tiny"
 PRESET_HUB_IDS = {"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"}
 PIXEL_BOUNDS = {TINY: (112 * 112, 112 * 112)}  # per-frame (min, max) pixels; others: qwen_video's defaults
-CAPABILITIES = frozenset({"intra_encoder"})  # rows and grids may change inside the tower; no token subsets yet
+CAPABILITIES = frozenset({"intra_encoder"})  # rows and grids may change inside the tower; no token subsets
+CAPABILITY_NOTES = (("vision_split", "ToMe's merged patches cannot reach its LLM: the 2x2 patch merger concatenates "
+                     "the four patches of every merge unit, the windowed blocks attend over whole 112-px windows of "
+                     "units, and their cu_seqlens attention takes no proportional-attention bias; only whole "
+                     "temporal patches (rows) and whole grids (input pooling) can change inside this tower"),)
 
 
 def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
@@ -77,7 +81,7 @@ def description_from_config(config: Qwen2_5_VLConfig, preset: str, bounds: tuple
     info = ModelInfo(name=preset, vision_layers=v.depth, vision_grid=grid,
                      pooled_grid=(grid[0] // merge, grid[1] // merge), llm_layers=t.num_hidden_layers,
                      llm_hidden=t.hidden_size, family=FAMILY, capabilities=CAPABILITIES,
-                     grid_multiple=merge)
+                     grid_multiple=merge, capability_notes=CAPABILITY_NOTES)
 
     def video(frames: int, height: int | None = None, width: int | None = None) -> VideoInput:
         size = (height or nominal.height, width or nominal.width)

@@ -54,7 +54,10 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the Qwen3-VL processors' normali
 FACTOR = 32  # patch 16 x merge 2
 MIN_PIXELS, MAX_PIXELS = 48 * FACTOR**2, 256 * FACTOR**2  # per frame: 48 to 256 LLM tokens
 PIXEL_BOUNDS = {TINY: (128 * 128, 128 * 128)}
-CAPABILITIES: frozenset[str] = frozenset()  # no intra-encoder hook yet: the blocks need the full patch grid
+CAPABILITIES = frozenset({"intra_encoder"})  # rows and grids may change inside the tower (DeepStack states follow)
+CAPABILITY_NOTES = (("vision_split", "ToMe's merged patches cannot reach its LLM: the 2x2 merger and the DeepStack "
+                     "mergers concatenate the four patches of every merge unit; only whole temporal patches (rows) "
+                     "and whole grids (input pooling) can change inside this tower"),)
 _TEXT_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -155,7 +158,8 @@ def description_from_config(config: Qwen3VLConfig, preset: str, bounds: tuple[in
     grid, merge = qvid.nominal_grid(v, bounds), v.spatial_merge_size
     info = ModelInfo(name=preset, vision_layers=v.depth, vision_grid=grid,
                      pooled_grid=(grid[0] // merge, grid[1] // merge), llm_layers=t.num_hidden_layers,
-                     llm_hidden=t.hidden_size, family=FAMILY, capabilities=CAPABILITIES, grid_multiple=merge)
+                     llm_hidden=t.hidden_size, family=FAMILY, capabilities=CAPABILITIES, grid_multiple=merge,
+                     capability_notes=CAPABILITY_NOTES)
 
     def video(frames: int, height: int | None = None, width: int | None = None) -> VideoInput:
         size = (height or nominal.height, width or nominal.width)

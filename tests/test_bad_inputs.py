@@ -77,8 +77,8 @@ CASES = [
      "context of model 'llava-video-7b' (32768"),
     ("vision-layer-too-deep", ["run", "exp.yaml", "configurations.f.strategies=[{name: frame_avg, params: {layer: 10}}]"],
      "10"),
-    ("intra-encoder-on-qwen3", ["run", "exp.yaml", "model.preset=qwen3-vl-tiny",
-                                "configurations.f.strategies=[{name: frame_avg}]"], "'frame_avg'"),
+    ("tome-on-qwen", ["run", "exp.yaml", "model.preset=qwen2.5-vl-tiny",
+                      "configurations.f.strategies=[{name: tome, params: {r: 2}}]"], "'tome' needs vision_split"),
     # --- videos --------------------------------------------------------------------------------------------
     ("missing-video", ["run", "exp.yaml", "input.video=missing.mp4"], "'missing.mp4' does not exist"),
     ("video-is-a-directory", ["run", "exp.yaml", "input.video=adir"], "'adir' is a directory"),

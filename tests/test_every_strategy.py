@@ -44,6 +44,16 @@ def model(request, plugins):
     return adapter, video, run_with(adapter, video, [], max_new_tokens=NEW_TOKENS)
 
 
+def test_without_strategies_every_family_is_the_stock_model(model):
+    """Exactness first: no strategy means transformers' own forward and ``generate`` on the same input."""
+    from tests.test_exactness import stock_outputs
+
+    adapter, video, reference = model
+    logits, ids = stock_outputs(adapter, video, NEW_TOKENS)
+    assert reference.new_ids == ids
+    torch.testing.assert_close(reference.prefill_logits, logits, atol=1e-5, rtol=1e-4)
+
+
 def test_every_tiny_override_names_a_registered_strategy():
     assert set(TINY_PARAMS) <= set(ALL)
     assert set(ADAPTER_PARAMS) <= set(ADAPTERS) and all(set(p) <= set(ALL) for p in ADAPTER_PARAMS.values())

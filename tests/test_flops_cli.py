@@ -84,3 +84,15 @@ def test_flops_needs_a_model_or_an_experiment(capsys):
     assert main(["flops"]) == 2
     assert "either an experiment YAML or --model" in capsys.readouterr().err
     assert main(["flops", "--model", "llava-onevision-7", "--json"]) == 2
+
+
+def test_planned_flops_of_qwen3_count_the_timestamps_a_run_records(capsys, tracking_uri):
+    """Qwen3-VL writes timestamps and markers between rows: the plan counts them like the run does."""
+    overrides = ["model.preset=qwen3-vl-tiny", "input.frames=4", "timing.repeats=1", f"tracking.uri={tracking_uri}",
+                 "tracking.experiment=flops-qwen3", "configurations={uniform: {strategies: [{name: uniform}]}}"]
+    assert main(["run", str(QUICKSTART), *overrides]) == 0
+    parent = capsys.readouterr().out.split("parent run ")[1].split()[0]
+    planned = flops_json(capsys, str(QUICKSTART), *overrides)["configurations"]
+    recorded = flops_json(capsys, str(QUICKSTART), *overrides, "--from-run", parent)["configurations"]
+    for name in ("uncompressed", "uniform"):
+        assert planned[name]["exact"]["total_T"] == pytest.approx(recorded[name]["exact"]["total_T"], rel=1e-12)

@@ -102,8 +102,8 @@ def _runner(tmp_path, model: str, frames: int, strategy: str, params: dict) -> E
 
 
 @pytest.mark.parametrize("model, frames, strategy, params, message", [
-    ("qwen3-vl-8b", 8, "earlytom.frame_merge", {}, "'earlytom.frame_merge' needs intra_encoder .* 'qwen3-vl-8b'"),
-    ("qwen2.5-vl-7b", 8, "tome", {"r": 2}, "'tome' needs vision_split"),
+    ("qwen2.5-vl-7b", 8, "tome", {"r": 2}, "'tome' needs vision_split .* the 2x2 patch merger concatenates"),
+    ("qwen3-vl-8b", 8, "tome", {"r": 2}, "'tome' needs vision_split .* DeepStack mergers"),
     ("qwen2.5-vl-7b", 8, "fastv", {"layer": 28}, "on model 'qwen2.5-vl-7b'.*layer=28 is outside the LLM layers 1..27"),
     ("qwen2.5-vl-3b", 8, "pyramiddrop", {"layers": [4, 40]}, "on model 'qwen2.5-vl-3b'.*layers=40"),
     ("llava-onevision-7b", 8, "topk", {"layer": 30}, "on model 'llava-onevision-7b'.*layer=30"),
@@ -117,6 +117,13 @@ def test_a_strategy_that_does_not_fit_the_model_is_refused_before_weights(tmp_pa
 def test_a_video_too_short_for_qwens_temporal_patch_is_refused_before_weights(tmp_path):
     with pytest.raises(InputError, match="qwen2.5-vl-7b needs at least 2 frames .* got 1"):
         _runner(tmp_path, "qwen2.5-vl-7b", 1, "uniform", {}).prepare(log=lambda _: None)
+
+
+def test_every_presets_declared_capabilities_are_its_adapters(plugins):
+    """`tokcomp list` reads the registry without importing transformers; it must say what the adapter does."""
+    for name, reg in plugins.models.items():
+        info = reg.obj.describe(model_spec()).info
+        assert reg.obj.capabilities == info.capabilities, name
 
 
 def test_pyramiddrop_defaults_fit_every_preset(plugins):

@@ -22,12 +22,12 @@ from tokcomp.strategy import Strategy
 from tokcomp.timing import StageClock
 from tokcomp.video import generate_video, uniform_frame_indices
 
-TINY = "qwen2.5-vl-tiny"
+FAMILIES = ["qwen2.5-vl-tiny", "qwen3-vl-tiny"]
 
 
-@pytest.fixture(scope="module")
-def qwen(plugins):
-    adapter = plugins.model(TINY).build(model_spec())
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen(plugins, request):
+    adapter = plugins.model(request.param).build(model_spec())
     clip, _ = generate_video(length=48, height=64, width=64, shots=2, seed=3)
     return adapter, adapter.preprocess(clip[uniform_frame_indices(48, 8)])
 
@@ -52,7 +52,7 @@ class _Capture(Strategy):
     seen: list
 
     def __init__(self, layer: int):
-        self.layer, self.seen = layer, []
+        self.layer, self.seen, self.riders = layer, [], []
 
     def encoder_layers(self, info):
         return {self.layer}
@@ -60,13 +60,15 @@ class _Capture(Strategy):
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         self.seen.append((state.hidden.clone(), state.grid, [list(s) for s in state.frame_sources]))
+        self.riders.append(None if state.riders is None else state.riders.clone())
 
 
-def _stock_tower(adapter, pixels: torch.Tensor, rows: int, grid: tuple[int, int]) -> torch.Tensor:
-    """The stock vision tower's merged features (rows * h/2 * w/2, D_llm) for these pixel patches."""
+def _stock_tower(adapter, pixels: torch.Tensor, rows: int, grid: tuple[int, int]) -> tuple[torch.Tensor, list]:
+    """The stock vision tower's merged features (rows * h/2 * w/2, D_llm) for these pixel patches, and
+    its DeepStack features (Qwen3-VL; none for Qwen2.5-VL)."""
     with torch.no_grad():
         out = adapter.visual(pixels, grid_thw=torch.tensor([[rows, *grid]]))
-    return getattr(out, "pooler_output", out)
+    return getattr(out, "pooler_output", out), list(getattr(out, "deepstack_features", None) or [])
 
 
 def test_dropped_temporal_patches_give_the_stock_tower_on_the_kept_ones(plugins, qwen):
@@ -79,15 +81,22 @@ def test_dropped_temporal_patches_give_the_stock_tower_on_the_kept_ones(plugins,
     assert len(kept_rows) == 2 and hidden.shape[0] == 2
     per_row = video.grid[0] * video.grid[1]
     pixels = video.pixels.view(video.rows, per_row, -1)[kept_rows].reshape(2 * per_row, -1)
-    stock = _stock_tower(adapter, pixels, 2, video.grid)
-    ours = adapter.vision_to_llm(hidden, grid, {}, video).features.reshape(stock.shape)
-    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    stock, deepstack = _stock_tower(adapter, pixels, 2, video.grid)
+    riders = capture.riders[-1]
+    out = (adapter.vision_to_llm(hidden, grid, {}, video) if riders is None
+           else adapter.vision_to_llm(hidden, grid, {}, video, riders=riders))
+    torch.testing.assert_close(out.features.reshape(stock.shape), stock, atol=1e-5, rtol=1e-5)
+    assert (out.riders is None) == (not deepstack)
+    if deepstack:  # the DeepStack states of the kept rows only, as the stock tower gives them
+        ours = out.riders.reshape(stock.shape[0], -1).split(stock.shape[-1], dim=-1)
+        for mine, theirs in zip(ours, deepstack, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     # the LLM sees the kept rows' own M-RoPE positions (time, height, width)
     full = _spliced(adapter, video, [])
     cells = video.llm_grid[0] * video.llm_grid[1]
-    start = int(torch.nonzero(full.visual_mask)[0])
-    expected = torch.cat([full.positions[:, start + r * cells: start + (r + 1) * cells] for r in kept_rows], dim=1)
+    expected = full.positions[:, full.visual_mask].view(3, video.rows, cells)[:, kept_rows].reshape(3, -1)
     torch.testing.assert_close(spliced.positions[:, spliced.visual_mask], expected)
+    assert spliced.text_tokens == full.text_tokens  # Qwen3-VL: the dropped rows' timestamps stay
 
 
 def test_merged_rows_keep_the_time_of_their_first_patch(plugins, qwen):
@@ -99,7 +108,7 @@ def test_merged_rows_keep_the_time_of_their_first_patch(plugins, qwen):
     stock = full.positions[:, full.visual_mask].view(3, video.rows, cells)
     assert ours.shape[1] == (video.rows + 1) // 2
     torch.testing.assert_close(ours, stock[:, ::2])
-    assert int(spliced.positions.max()) == int(full.positions.max())  # text after the video is where it was
+    torch.testing.assert_close(spliced.positions[:, -1], full.positions[:, -1])  # the text after the video stays put
 
 
 def test_input_pooling_runs_the_tower_on_a_smaller_even_grid_with_centre_positions(plugins, qwen):
@@ -112,7 +121,7 @@ def test_input_pooling_runs_the_tower_on_a_smaller_even_grid_with_centre_positio
     llm = (grid[0] // 2, grid[1] // 2)
     assert out.ledger.visual_tokens_before_pre_llm == video.rows * llm[0] * llm[1]
     windowed = [e.attention_pairs for i, e in enumerate(out.ledger.vision_layers)
-                if i not in adapter.visual.fullatt_block_indexes]
+                if i not in getattr(adapter.visual, "fullatt_block_indexes", range(len(adapter.visual.blocks)))]
     assert all(p is not None and p <= video.rows * (grid[0] * grid[1]) ** 2 for p in windowed)
     spliced, full = _spliced(adapter, video, [pooling]), _spliced(adapter, video, [])
     H, W = video.llm_grid

@@ -57,7 +57,7 @@ def _spec(args: argparse.Namespace):
 
 
 def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
-    from tokcomp.plan import schedule_ledger
+    from tokcomp.plan import prompt_text_tokens, schedule_ledger
     from tokcomp.plugins import Plugins
     from tokcomp.preflight import check_weights
 
@@ -74,7 +74,8 @@ def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
     description = preset.describe(_spec(args))
     text = args.text_tokens
     if text is None:
-        text = description.count_prompt("Describe what happens in the video.")
+        text = prompt_text_tokens(description, "Describe what happens in the video.", args.frames, args.height,
+                                  args.width)
     ledger = schedule_ledger(description, args.frames, text, visual_tokens=args.visual_tokens,
                              vision_frames_after=args.vision_frames_after, llm_stages=args.llm_stage,
                              height=args.height, width=args.width)
@@ -83,7 +84,7 @@ def model_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger, Any]]:
 
 def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | str, Any]]:
     from tokcomp.config import load_experiment
-    from tokcomp.plan import ScheduleUnknown, plan_ledger
+    from tokcomp.plan import ScheduleUnknown, plan_ledger, prompt_text_tokens
     from tokcomp.plugins import Plugins
     from tokcomp.preflight import check_experiment, check_tracking_uri
     from tokcomp.runner import build_strategies
@@ -98,8 +99,9 @@ def experiment_rows(args: argparse.Namespace) -> dict[str, tuple[TokenLedger | s
         check_tracking_uri(cfg.tracking.uri, must_exist=True)
     description = preset.describe(cfg.model)
     dims = description.dims
-    text = args.text_tokens if args.text_tokens is not None else description.count_prompt(cfg.input.prompt)
     height, width = _video_size(cfg)
+    text = args.text_tokens if args.text_tokens is not None else prompt_text_tokens(
+        description, cfg.input.prompt, cfg.input.frames, height, width)
     video = description.video(cfg.input.frames, height, width)
     info = description.info.for_video(video.grid, video.llm_grid)
     recorded = _recorded_ledgers(cfg, args.from_run) if args.from_run else {}

@@ -307,7 +307,9 @@ def check_context(cfg: Any, description: Any) -> None:
     visual = video.rows * video.llm_grid[0] * video.llm_grid[1] + description.specials
     if not context:
         return
-    text = description.count_prompt(cfg.input.prompt)
+    from tokcomp.plan import prompt_text_tokens
+
+    text = prompt_text_tokens(description, cfg.input.prompt, frames, height, width)
     new = max(int(cfg.generation.max_new_tokens), 0)
     if text + visual + new > context:
         raise ConfigError(

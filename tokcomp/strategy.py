@@ -44,6 +44,7 @@ class ModelInfo:
     family: str = ""
     capabilities: frozenset[str] = frozenset()
     grid_multiple: int = 1  # a changed patch grid's sides must be multiples of this (Qwen's 2x2 patch merger: 2)
+    capability_notes: tuple[tuple[str, str], ...] = ()  # (capability, why this model cannot offer it)
 
     def for_video(self, vision_grid: tuple[int, int], pooled_grid: tuple[int, int]) -> ModelInfo:
         return dataclasses.replace(self, vision_grid=tuple(vision_grid), pooled_grid=tuple(pooled_grid))
@@ -73,9 +74,11 @@ class Strategy:
             needs.discard("vision_split")
         missing = sorted(needs - set(info.capabilities))
         if missing:
+            notes = dict(info.capability_notes)
+            why = "".join(f": {notes[m]}" for m in missing if m in notes)
             raise ConfigError(
                 f"strategy {self.name!r} needs {', '.join(missing)} ({'; '.join(CAPABILITIES[m] for m in missing)}), "
-                f"which model {info.name!r} ({info.family}) does not offer"
+                f"which model {info.name!r} ({info.family}) does not offer{why}"
             )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
