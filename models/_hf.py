@@ -46,6 +46,40 @@ def random_model(model_class: type, config: Any, dtype: torch.dtype, attn: str, 
         torch.set_default_dtype(previous)
 
 
+def checkpoint_source(spec: Any, preset: str, hub_ids: dict[str, str]) -> str | None:
+    """The hub id or path a build of ``preset`` loads (``weights: pretrained | <hub id> | <path>``), None
+    for random weights."""
+    if spec.weights == "random":
+        return None
+    source = hub_ids.get(preset) if spec.weights == "pretrained" else spec.weights
+    if source is None:
+        raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
+    return source
+
+
+def load_config(config_class: type, source: str) -> Any:
+    """A checkpoint's config, or a one-line ConfigError naming the source."""
+    try:
+        return config_class.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the config of weights {source!r}: {exc}") from exc
+
+
+def build_model(model_class: type, spec: Any, source: str | None, random_config: Any) -> Any:
+    """The model of a spec: random weights from ``random_config()`` (no source) or ``from_pretrained``,
+    on the spec's device, in eval mode; load failures are one-line ConfigErrors."""
+    dtype = torch_dtype(spec.dtype)
+    check_device(spec)
+    if source is None:
+        model = random_model(model_class, random_config(), dtype, spec.attn_implementation, spec.seed)
+    else:
+        try:
+            model = model_class.from_pretrained(source, dtype=dtype, attn_implementation=spec.attn_implementation)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load weights {source!r}: {exc}") from exc
+    return model.to(spec.device).eval()
+
+
 def decode_ids(tokenizer: Any, ids: list[int]) -> str:
     """Decoded text; ids the tokenizer lacks (random-weight presets use a byte tokenizer) show as <id>."""
     parts, run = [], []
@@ -128,12 +162,18 @@ class TransformersAdapter:
         after ``past_keys`` (a layer's cache, already rotated) when given, KV heads repeated (heads, L, head_dim).
         ``position_embeddings``: the layer's (cos, sin), (1, L, head_dim) (after M-RoPE's recomposition)."""
         attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        q, k = self.decoder_qk_heads(attn, layer.input_layernorm(hidden), query_idx)
         cos, sin = position_embeddings
         q, k = _rotate(q, cos[:, query_idx], sin[:, query_idx]), _rotate(k, cos, sin)
         if past_keys is not None:
             k = torch.cat([past_keys.to(k.dtype), k], dim=2)
         k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
         return QK(q[0], k[0], attn.scaling)
+
+    def decoder_qk_heads(self, attn: Any, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Unrotated queries of ``query_idx`` (1, heads, Q, head_dim) and keys of every entry (1, kv, L,
+        head_dim) of a decoder layer's attention on its normalised input ``x``; families whose decoders
+        normalise q/k per head (Qwen3) extend this."""
+        q = attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+        return q, k

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tokcomp.models import LLAVA_ONEVISION_CAPABILITIES
-from tokcomp.models._hf import TransformersAdapter, check_device, random_model, torch_dtype
+from tokcomp.models._hf import TransformersAdapter, build_model, checkpoint_source, load_config
 from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
 from torch import Tensor
@@ -93,20 +93,13 @@ def preset_config(spec: Any, preset: str) -> LlavaOnevisionConfig:
         if preset in TINY_IMAGE_SIZE:
             return tiny_config(build_byte_tokenizer(), spec.image_size or TINY_IMAGE_SIZE[preset])
         return bundled_config(preset, spec.image_size)
-    source = _checkpoint(spec, preset)
-    try:
-        return LlavaOnevisionConfig.from_pretrained(source)
-    except OSError as exc:
-        raise ConfigError(f"cannot load the config of {source!r}: {exc}") from exc
+    return load_config(LlavaOnevisionConfig, _checkpoint(spec, preset))
 
 
 def _checkpoint(spec: Any, preset: str) -> str:
     if spec.image_size is not None:
         raise ConfigError(f"model.image_size={spec.image_size} only applies to weights: random")
-    source = PRESET_HUB_IDS.get(preset) if spec.weights == "pretrained" else spec.weights
-    if source is None:
-        raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
-    return source
+    return checkpoint_source(spec, preset, PRESET_HUB_IDS)
 
 
 def prompt_token_counter(spec: Any, preset: str):
@@ -160,22 +153,14 @@ def describe(spec: Any, preset: str) -> ModelDescription:
 
 def build(spec: Any, preset: str) -> LlavaOnevisionAdapter:
     """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
-    dtype = torch_dtype(spec.dtype)
-    check_device(spec)
-    if spec.weights == "random":
-        tokenizer = build_byte_tokenizer()
-        model = random_model(LlavaOnevisionForConditionalGeneration, preset_config(spec, preset), dtype,
-                             spec.attn_implementation, spec.seed)
-    else:
-        source = _checkpoint(spec, preset)
-        try:
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                source, dtype=dtype, attn_implementation=spec.attn_implementation
-            )
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except OSError as exc:
-            raise ConfigError(f"cannot load weights {source!r}: {exc}") from exc
-    model.to(spec.device).eval()
+    source = None if spec.weights == "random" else _checkpoint(spec, preset)
+    model = build_model(LlavaOnevisionForConditionalGeneration, spec, source, lambda: preset_config(spec, preset))
+    if source is None:
+        return LlavaOnevisionAdapter(model, build_byte_tokenizer(), preset)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the tokenizer of {source!r}: {exc}") from exc
     return LlavaOnevisionAdapter(model, tokenizer, preset)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tokcomp.models import qwen_tokenizer as qtok
 from tokcomp.models import qwen_video as qvid
-from tokcomp.models._hf import TransformersAdapter, check_device, random_model, torch_dtype
+from tokcomp.models._hf import TransformersAdapter, build_model, checkpoint_source, load_config
 from tokcomp.models.dims import dims_from_qwen2_5_vl_config
 from torch import Tensor
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -27,7 +27,6 @@ from transformers.utils.generic import get_max_seqlen
 
 from tokcomp.adapter import QK, ModelDescription, PromptLayout, VideoInput, VisionOutput
 from tokcomp.config import GeneratedVideoConfig
-from tokcomp.errors import ConfigError
 from tokcomp.state import StrategyContractError
 from tokcomp.strategy import ModelInfo
 
@@ -52,12 +51,7 @@ def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
 
 def _checkpoint(spec: Any, preset: str) -> str | None:
     """The hub id or path to load, None for random weights."""
-    if spec.weights == "random":
-        return None
-    source = PRESET_HUB_IDS.get(preset) if spec.weights == "pretrained" else spec.weights
-    if source is None:
-        raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
-    return source
+    return checkpoint_source(spec, preset, PRESET_HUB_IDS)
 
 
 def preset_config(spec: Any, preset: str) -> Qwen2_5_VLConfig:
@@ -66,10 +60,7 @@ def preset_config(spec: Any, preset: str) -> Qwen2_5_VLConfig:
     if source is None:
         tokenizer = qtok.load_tokenizer(None)
         return qtok.tiny_config(tokenizer) if preset == TINY else qtok.bundled_config(preset, tokenizer)
-    try:
-        return Qwen2_5_VLConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the config of weights {source!r}: {exc}") from exc
+    return load_config(Qwen2_5_VLConfig, source)
 
 
 def description_from_config(config: Qwen2_5_VLConfig, preset: str, bounds: tuple[int, int],
@@ -106,19 +97,8 @@ def describe(spec: Any, preset: str) -> ModelDescription:
 
 def build(spec: Any, preset: str) -> Qwen2_5_VLAdapter:
     """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
-    dtype = torch_dtype(spec.dtype)
-    check_device(spec)
     bounds, source = pixel_bounds(spec, preset), _checkpoint(spec, preset)
-    if source is None:
-        model = random_model(Qwen2_5_VLForConditionalGeneration, preset_config(spec, preset), dtype,
-                             spec.attn_implementation, spec.seed)
-    else:
-        try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                source, dtype=dtype, attn_implementation=spec.attn_implementation)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load weights {source!r}: {exc}") from exc
-    model.to(spec.device).eval()
+    model = build_model(Qwen2_5_VLForConditionalGeneration, spec, source, lambda: preset_config(spec, preset))
     return Qwen2_5_VLAdapter(model, qtok.load_tokenizer(source), preset, *bounds)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tokcomp.models import qwen_tokenizer as qtok
 from tokcomp.models import qwen_video as qvid
-from tokcomp.models._hf import TransformersAdapter, _rotate, check_device, random_model, torch_dtype
+from tokcomp.models._hf import TransformersAdapter, build_model, checkpoint_source, load_config
 from tokcomp.models.dims import dims_from_qwen3_vl_config
 from torch import Tensor
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -44,7 +44,6 @@ from transformers.vision_utils import (
 
 from tokcomp.adapter import QK, ModelDescription, PromptLayout, VideoInput, VisionOutput
 from tokcomp.config import GeneratedVideoConfig
-from tokcomp.errors import ConfigError
 from tokcomp.state import StrategyContractError
 from tokcomp.strategy import ModelInfo
 
@@ -124,12 +123,7 @@ def count_video_text(tokenizer: Any, video: VideoInput, temporal: int) -> int:
 # ---- presets ----------------------------------------------------------------------------------------
 def _checkpoint(spec: Any, preset: str) -> str | None:
     """The hub id or path to load, None for random weights."""
-    if spec.weights == "random":
-        return None
-    source = PRESET_HUB_IDS.get(preset) if spec.weights == "pretrained" else spec.weights
-    if source is None:
-        raise ConfigError(f"preset {preset!r} has no public checkpoint; give weights: <hub id or path>")
-    return source
+    return checkpoint_source(spec, preset, PRESET_HUB_IDS)
 
 
 def pixel_bounds(spec: Any, preset: str) -> tuple[int, int]:
@@ -144,10 +138,7 @@ def preset_config(spec: Any, preset: str) -> Qwen3VLConfig:
     if source is None:
         tokenizer = qtok.load_tokenizer(None)
         return tiny_config(tokenizer) if preset == TINY else bundled_config(preset, tokenizer)
-    try:
-        return Qwen3VLConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the config of weights {source!r}: {exc}") from exc
+    return load_config(Qwen3VLConfig, source)
 
 
 def description_from_config(config: Qwen3VLConfig, preset: str, bounds: tuple[int, int],
@@ -185,19 +176,8 @@ def describe(spec: Any, preset: str) -> ModelDescription:
 
 def build(spec: Any, preset: str) -> Qwen3VLAdapter:
     """Build an adapter for ``preset`` from a model spec (weights, dtype, device, attention, image size)."""
-    dtype = torch_dtype(spec.dtype)
-    check_device(spec)
     bounds, source = pixel_bounds(spec, preset), _checkpoint(spec, preset)
-    if source is None:
-        model = random_model(Qwen3VLForConditionalGeneration, preset_config(spec, preset), dtype,
-                             spec.attn_implementation, spec.seed)
-    else:
-        try:
-            model = Qwen3VLForConditionalGeneration.from_pretrained(
-                source, dtype=dtype, attn_implementation=spec.attn_implementation)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load weights {source!r}: {exc}") from exc
-    model.to(spec.device).eval()
+    model = build_model(Qwen3VLForConditionalGeneration, spec, source, lambda: preset_config(spec, preset))
     return Qwen3VLAdapter(model, qtok.load_tokenizer(source), preset, *bounds)
 
 
@@ -360,19 +340,11 @@ class Qwen3VLAdapter(TransformersAdapter):
         """(3, L) -> (3, 1, L), the decoder's M-RoPE layout (a single row is broadcast to the three)."""
         return (positions[:, None, :] if positions.dim() == 2 else positions).expand(3, -1, -1)
 
-    def decoder_qk(self, layer: torch.nn.Module, hidden: Tensor, position_embeddings, query_idx: Tensor,
-                   past_keys: Tensor | None = None) -> QK:
-        """As ``TransformersAdapter.decoder_qk``, with Qwen3's per-head RMSNorm of q and k before the rotation."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
+    def decoder_qk_heads(self, attn: Any, x: Tensor, query_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """As ``TransformersAdapter.decoder_qk_heads``, with Qwen3's per-head RMSNorm of q and k (before the rotation)."""
         q = attn.q_norm(attn.q_proj(x[:, query_idx]).view(1, query_idx.numel(), -1, attn.head_dim)).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim)).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = _rotate(q, cos[:, query_idx], sin[:, query_idx]), _rotate(k, cos, sin)
-        if past_keys is not None:
-            k = torch.cat([past_keys.to(k.dtype), k], dim=2)
-        k = k.repeat_interleave(attn.num_key_value_groups, dim=1)
-        return QK(q[0], k[0], attn.scaling)
+        return q, k
 
     def stock_inputs(self, text: str, video: VideoInput) -> dict[str, Tensor]:
         """The uncompressed prompt as the stock model's forward/generate takes it (for reference checks)."""

@@ -250,3 +250,32 @@ def test_2b_sizes_cut_match_stock_generate(clip):
     out = run_with(adapter, video, [], max_new_tokens=4)
     assert out.new_ids == stock_generate(adapter, video, 4)
     torch.testing.assert_close(out.prefill_logits, stock_logits(adapter, video), rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_qk_with_qwen3s_qk_norms_reproduces_the_eager_attention_row(plugins, clip):
+    """FastV's and PyramidDrop's statistic: the last token's attention row in decoder layer 2 (q/k normed per head)."""
+    adapter = plugins.model(TINY).build(model_spec(attn_implementation="eager"))
+    video = adapter.preprocess(clip)
+    spliced = splice(adapter, video, PROMPT, *_encoded(adapter, video))
+    layer, seen = adapter.decoder_layers[2], []
+    handle = layer.register_forward_pre_hook(lambda m, a, kw: seen.append((a[0], kw["position_embeddings"])),
+                                             with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = adapter.language_model(inputs_embeds=spliced.embeds, position_ids=adapter.llm_positions(spliced.positions),
+                                         output_attentions=True)
+    finally:
+        handle.remove()
+    hidden, rope = seen[0]
+    qk = adapter.decoder_qk(layer, hidden, rope, torch.tensor([hidden.shape[1] - 1]))
+    ours = torch.softmax(torch.einsum("hd,hkd->hk", qk.q[:, 0], qk.k) * qk.scale, dim=-1)
+    torch.testing.assert_close(ours, out.attentions[2][0, :, -1], atol=1e-6, rtol=1e-5)
+
+
+def _encoded(adapter, video):
+    """(visual tokens, specials, prompt tokens) of the uncompressed video, as the pipeline splices them."""
+    ledger = TokenLedger()
+    stack = CompressionStack([], run_info(adapter, video))
+    with torch.no_grad():
+        tokens, specials = encode_video(adapter, video, stack, ledger)
+    return tokens, specials, prompt_visual_tokens(adapter, ledger)
