@@ -86,6 +86,10 @@ CASES = [
     ("video-too-short", ["run", "exp.yaml", "input.video={shared}/short.mp4", "input.frames=8"],
      "fewer than the 8 requested"),
     ("qwen-one-frame", ["run", "exp.yaml", "model.preset=qwen2.5-vl-tiny", "input.frames=1"], "got 1"),
+    ("qwen3-one-frame", ["run", "exp.yaml", "model.preset=qwen3-vl-tiny", "input.frames=1"], "got 1"),
+    ("qwen-merge-layer-beyond-tower", ["run", "exp.yaml", "model.preset=qwen2.5-vl-tiny",
+                                      "configurations.f.strategies=[{name: earlytom.frame_merge, params: {layers: [1, 9]}}]"],
+     "9"),
     # --- models ----------------------------------------------------------------------------------------------
     ("unknown-preset", ["run", "exp.yaml", "model.preset=tiny2"], "'tiny2'"),
     ("pretrained-without-checkpoint", ["run", "exp.yaml", "model.weights=pretrained"], "preset 'tiny' has no public"),
