@@ -17,12 +17,42 @@ from tokcomp.ops.selection import (
 )
 
 
+def _reference_received_attention(q, k, scale, bias=None, segments=None):
+    """The definition, materialised: float64 softmax probabilities, masked by window, column means."""
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.double()[:, None, None, :]
+    if segments is not None:
+        logits = logits.masked_fill((segments[:, :, None] != segments[:, None, :])[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=(1, 2)).float()
+
+
 def test_received_attention_is_the_column_mean_of_softmax_probabilities():
     torch.manual_seed(0)
     q, k = torch.randn(5, 3, 7, 4), torch.randn(5, 3, 7, 4)
-    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)
-    torch.testing.assert_close(received_attention(q, k, 0.5, chunk=2), probs.mean(dim=(1, 2)))
+    torch.testing.assert_close(received_attention(q, k, 0.5), _reference_received_attention(q, k, 0.5))
     assert torch.allclose(received_attention(q, k, 0.5).sum(-1), torch.ones(5))
+
+
+def test_received_attention_adds_the_key_bias_and_keeps_attention_within_windows():
+    torch.manual_seed(1)
+    q, k = torch.randn(3, 2, 11, 8), torch.randn(3, 2, 11, 8)
+    bias = torch.log(torch.rand(3, 11) + 0.5)
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]] * 2 + [[5, 2, 5, 2, 5, 2, 5, 2, 5, 2, 9]])
+    got = received_attention(q, k, 0.3, bias=bias, segments=segments)
+    torch.testing.assert_close(got, _reference_received_attention(q, k, 0.3, bias, segments))
+    # each window's queries spread one unit of attention over the window's keys: a window's share of
+    # the row total is its size over the row's tokens
+    share = torch.stack([got[0, :3].sum(), got[0, 3:7].sum(), got[0, 7:].sum()])
+    torch.testing.assert_close(share, torch.tensor([3.0, 4.0, 4.0]) / 11)
+
+
+def test_received_attention_of_bfloat16_inputs_is_computed_in_float32():
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 4, 33, 16).bfloat16(), torch.randn(2, 4, 33, 16).bfloat16()
+    got = received_attention(q, k, 0.25)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _reference_received_attention(q.float(), k.float(), 0.25))
 
 
 def test_last_query_attention_is_the_head_mean_of_the_last_row():

@@ -35,7 +35,7 @@ from tokcomp.fidelity import fidelity_metrics
 from tokcomp.flops import count_all
 from tokcomp.pipeline import run as run_pipeline
 from tokcomp.plugins import Plugins
-from tokcomp.preflight import check_experiment
+from tokcomp.preflight import check_experiment, half_precision_cpu_note
 from tokcomp.stack import CompressionStack
 from tokcomp.strategy import Strategy
 from tokcomp.tables import render_table
@@ -244,6 +244,9 @@ class AdapterCache:
         if key != self._key:
             self._adapter = None  # free the old model before building the next
             log(f"building model {model_cfg.preset!r} (weights: {model_cfg.weights}, {model_cfg.dtype}, {model_cfg.device})")
+            note = half_precision_cpu_note(model_cfg.dtype, model_cfg.device)
+            if note:
+                log(note)
             self._adapter, self._key = preset.build(model_cfg), key
         return self._adapter
 

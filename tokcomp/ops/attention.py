@@ -6,26 +6,49 @@ import torch
 from torch import Tensor
 
 
-def received_attention(q: Tensor, k: Tensor, scale: float, chunk: int = 8, bias: Tensor | None = None,
+def received_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
                        segments: Tensor | None = None) -> Tensor:
     """Mean attention each key receives, over heads and queries (non-causal).
 
     q, k: (batch, heads, tokens, head_dim); ``bias`` (batch, tokens) is added to the logits of each
     key (proportional attention); ``segments`` (batch, tokens) ids restrict attention to queries and
     keys of the same segment (windowed attention), so each key's mean is over all queries of the row
-    with zeros from the other windows. Returns (batch, tokens) in float32. Processed in chunks of the
-    batch so the (heads, tokens, tokens) probabilities of only a few rows live at once.
+    with zeros from the other windows. Returns (batch, tokens) in float32.
+
+    Why not ``softmax(q k^T).mean()``: on a CPU that writes and reads several full-size float32
+    (heads, tokens, tokens) tensors per row and faults in fresh pages for each; here one buffer per
+    row is reused, exponentiated in place, and the probabilities are never formed: the column sums
+    of softmax are ``(1 / row sums) @ exp(logits - row max)``, one batched vector-matrix product.
+    Windows are computed block by block, so a windowed layer costs what its windows cost.
     """
-    out = []
-    for b in range(0, q.shape[0], chunk):
-        logits = torch.matmul(q[b : b + chunk].float(), k[b : b + chunk].float().transpose(-1, -2)) * scale
-        if bias is not None:
-            logits = logits + bias[b : b + chunk, None, None, :].float()
-        if segments is not None:
-            seg = segments[b : b + chunk].to(logits.device)
-            logits = logits.masked_fill((seg[:, :, None] != seg[:, None, :])[:, None], float("-inf"))
-        out.append(torch.softmax(logits, dim=-1).mean(dim=(1, 2)))
-    return torch.cat(out)
+    batch, heads, tokens, _ = q.shape
+    out = torch.zeros(batch, tokens, dtype=torch.float32, device=q.device)
+    buffer = torch.empty(0, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        qb, kb = q[b].float() * scale, k[b].float()
+        bb = None if bias is None else bias[b].to(q.device, torch.float32)
+        if segments is None:
+            blocks = [None]
+        else:
+            seg = segments[b].to(q.device)
+            blocks = [torch.nonzero(seg == s).squeeze(1) for s in torch.unique(seg)]
+        for idx in blocks:
+            qs, ks = (qb, kb) if idx is None else (qb[:, idx], kb[:, idx])
+            n = ks.shape[1]
+            if buffer.numel() < heads * n * n:
+                buffer = torch.empty(heads * n * n, dtype=torch.float32, device=q.device)
+            logits = buffer[: heads * n * n].view(heads, n, n)
+            torch.bmm(qs, ks.transpose(-1, -2), out=logits)
+            if bb is not None:
+                logits.add_(bb if idx is None else bb[idx])
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+            inverse_sums = logits.sum(dim=-1).reciprocal_()
+            received = torch.bmm(inverse_sums[:, None, :], logits).sum(dim=(0, 1))
+            if idx is None:
+                out[b] = received
+            else:
+                out[b, idx] = received
+    return out / (heads * tokens)
 
 
 def last_query_attention(q_last: Tensor, k: Tensor, scale: float) -> Tensor:
