@@ -142,6 +142,7 @@ CASES = [
     ("compare-unknown-run-id", ["compare", HEX_RUN_ID, "--tracking-uri", "{store}"], HEX_RUN_ID),
     # --- flops -------------------------------------------------------------------------------------------------
     ("flops-nothing-given", ["flops"], "give either an experiment YAML or --model"),
+    ("flops-from-run-with-model", ["flops", "--model", "tiny", "--from-run", "abc123"], "--from-run 'abc123' goes with"),
     ("flops-unknown-model", ["flops", "--model", "tiny2"], "'tiny2'"),
     ("flops-zero-frames", ["flops", "--model", "tiny", "--frames", "0"], "--frames must be at least 1, got 0"),
     ("flops-frames-not-int", ["flops", "--model", "tiny", "--frames", "abc"], "'abc'"),

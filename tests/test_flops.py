@@ -160,10 +160,19 @@ def test_exact_protocol_matches_a_count_written_out_by_hand():
 def test_exact_protocol_counts_attention_statistics_as_strategy_work():
     stats = [{"where": "vision", "layer": 1, "frames": 1, "tokens": 4}, {"where": "llm", "layer": 0, "seq": 7}]
     plain, with_stats = (count_flops(tiny_ledger(s), TINY, "exact") for s in (None, stats))
-    vision_stat = 2 * 4 * 64 + 16 * 8  # q and k of every token, then QK^T
+    heads = TINY.vision_heads
+    vision_stat = 2 * 4 * 64 + 16 * 8 + 16 * heads  # q and k of every token, QK^T, column sums per head
     llm_stat = 12 * 12 + 7 * 12 * 4 + 7 * 12  # q of the last token, k of all (GQA), one query row
     assert with_stats.strategy_T == pytest.approx(2 * (vision_stat + llm_stat) / 1e12)
     assert with_stats.total_T - plain.total_T == pytest.approx(with_stats.strategy_T)
+
+
+def test_received_attention_in_a_windowed_layer_counts_only_its_windows():
+    whole = {"where": "vision", "layer": 1, "frames": 2, "tokens": 4}
+    windowed = {**whole, "pairs": 2 * 2 * 2**2}  # two windows of 2 tokens per row
+    a, b = (count_flops(tiny_ledger([s]), TINY, "exact").strategy_T for s in (whole, windowed))
+    saved_pairs = 2 * 4**2 - 16
+    assert a - b == pytest.approx(2 * saved_pairs * (8 + TINY.vision_heads) / 1e12)
 
 
 def test_exact_protocol_makes_grouped_query_kv_cheaper_than_full_heads():

@@ -235,20 +235,24 @@ def decode_step_macs(ledger: TokenLedger, dims: ModelDims) -> int:
 
 
 def attention_stat_macs(stat: dict, dims: ModelDims) -> int:
-    """Extra work of one attention statistic a strategy asked for (softmax and means not counted).
+    """Extra work of one attention statistic a strategy asked for (softmax's exponentials not counted).
 
-    Vision: q and k projections of every token and the full per-row QK^T; keys alone: the k
-    projection; saliency: q and k projections and one (mean) query row per row. LLM: q of the
-    last token (or of the ``queries`` text tokens after the video), k of every token (GQA width)
-    and those query rows against all keys.
+    Vision: q and k projections of every token, QK^T over the layer's query-key pairs (whole rows,
+    or the ``pairs`` of its windows when the record has them) and the column sums of the
+    probabilities, one multiply-add per head and pair (``received_attention`` forms them as a
+    vector-matrix product); keys alone: the k projection; saliency: q and k projections and one
+    (mean) query row per row. LLM: q of the last token (or of the ``queries`` text tokens after the
+    video), k of every token (GQA width) and those query rows against all keys.
     """
     where = stat["where"]
     if where.startswith("vision"):
-        t, d, a = stat["tokens"], dims.vision_hidden, dims.vision_attention_width
-        per_frame = {"vision": 2 * t * d * a + t**2 * a, "vision_keys": t * d * a,
-                     "vision_saliency": 2 * t * d * a + t * a}.get(where)
+        frames, t, d, a = stat["frames"], stat["tokens"], dims.vision_hidden, dims.vision_attention_width
+        if where == "vision":
+            pairs = stat.get("pairs") or frames * t**2
+            return frames * 2 * t * d * a + pairs * (a + dims.vision_heads)
+        per_frame = {"vision_keys": t * d * a, "vision_saliency": 2 * t * d * a + t * a}.get(where)
         if per_frame is not None:
-            return stat["frames"] * per_frame
+            return frames * per_frame
     if where in ("llm", "llm_text"):
         seq, h, a, q = stat["seq"], dims.llm_hidden, dims.llm_attention_width, stat.get("queries", 1)
         return q * h * a + seq * h * dims.llm_kv_width + q * seq * a

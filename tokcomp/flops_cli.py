@@ -159,6 +159,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
         raise ConfigError("give either an experiment YAML or --model PRESET")
     if args.experiment and (args.visual_tokens is not None or args.vision_frames_after or args.llm_stage):
         raise ConfigError("--visual-tokens, --vision-frames-after and --llm-stage go with --model")
+    if args.model and args.from_run:
+        raise ConfigError(f"--from-run {args.from_run!r} goes with the experiment YAML that made the run "
+                          "(its configurations' recorded ledgers); with --model give the schedule instead "
+                          "(--vision-frames-after, --visual-tokens, --llm-stage)")
     rows = experiment_rows(args) if args.experiment else model_rows(args)
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     results: dict[str, Any] = {}

@@ -81,10 +81,15 @@ class TokenLedger:
         return cls(**data)
 
 
-def vision_stat_record(names: set[str], layer: int, frames: int, tokens: int) -> dict | None:
+def vision_stat_record(names: set[str], layer: int, frames: int, tokens: int, pairs: int | None = None) -> dict | None:
     """The ledger entry of the statistics computed at one vision layer (received attention needs q
-    and k, so it covers the keys and saliency asked for beside it; saliency covers keys)."""
+    and k, so it covers the keys and saliency asked for beside it; saliency covers keys). ``pairs``:
+    the layer's query-key pairs when it attends within windows (received attention is computed
+    window by window), None for whole rows."""
     for name, where in (("attention", "vision"), ("saliency", "vision_saliency"), ("keys", "vision_keys")):
         if name in names:
-            return {"where": where, "layer": layer, "frames": frames, "tokens": tokens}
+            record = {"where": where, "layer": layer, "frames": frames, "tokens": tokens}
+            if where == "vision" and pairs is not None:
+                record["pairs"] = pairs
+            return record
     return None

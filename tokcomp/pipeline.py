@@ -116,7 +116,7 @@ def encode_video(adapter: ModelAdapter, video: VideoInput, stack: CompressionSta
         if names:
             with stack.clock.stage("token_processing"):
                 stats = vision_statistics(adapter, i, state, names, video)
-            ledger.attention_stats.append(vision_stat_record(names, i, rows, tokens))
+            ledger.attention_stats.append(vision_stat_record(names, i, rows, tokens, pairs))
         for attr in VISION_STATISTICS.values():  # this layer's statistics (None where not computed here)
             setattr(state, attr, stats.get(attr))
         if i in stack.encoder_mid_layers:
