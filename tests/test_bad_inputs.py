@@ -141,6 +141,12 @@ CASES = [
      "'no-such-experiment'"),
     ("compare-unknown-run-id", ["compare", HEX_RUN_ID, "--tracking-uri", "{store}"], HEX_RUN_ID),
     # --- flops -------------------------------------------------------------------------------------------------
+    # --- data synth ------------------------------------------------------------------------------------------
+    ("synth-no-samples", ["data", "synth", "--out", "synth", "--n", "0"], "--n must be at least 1, got 0"),
+    ("synth-odd-size", ["data", "synth", "--out", "synth", "--size", "57"], "--size must be even and at least 56"),
+    ("synth-few-frames", ["data", "synth", "--out", "synth", "--frames", "4"], "--frames must be at least 8"),
+    ("synth-out-is-a-file", ["data", "synth", "--out", "nothing.yaml", "--n", "1"], "'nothing.yaml' exists and is not"),
+    ("synth-unknown-subcommand", ["data", "sinth"], "'sinth'"),
     ("flops-nothing-given", ["flops"], "give either an experiment YAML or --model"),
     ("flops-from-run-with-model", ["flops", "--model", "tiny", "--from-run", "abc123"], "--from-run 'abc123' goes with"),
     ("flops-unknown-model", ["flops", "--model", "tiny2"], "'tiny2'"),

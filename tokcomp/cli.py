@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 
@@ -112,6 +113,17 @@ def check_sweep(sweep) -> None:
         raise errors[0]
 
 
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from tokcomp.synth import write_dataset
+
+    path = write_dataset(args.out, args.n, seed=args.seed, frames=args.frames, size=args.size)
+    kinds = Counter(json.loads(line)["type"] for line in path.read_text().splitlines())
+    print(f"wrote {sum(kinds.values())} samples to {path} ({', '.join(f'{k} {v}' for k, v in kinds.items())})")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from tokcomp.preflight import check_experiment_file, check_tracking_uri
     from tokcomp.report import _configured_uri, _is_yaml
@@ -147,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     # global options work after the subcommand too (``tokcomp run --trace-hooks X.yaml``)
     common = argparse.ArgumentParser(add_help=False)
     _trace_option(common, argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,flops,compare}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,flops,compare,data}")
 
     p_list = sub.add_parser("list", parents=[common], help="list registered strategies or model presets")
     p_list.add_argument("what", choices=["strategies", "models"])
@@ -183,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                                help="compare the configurations of a run or sweep from MLflow: table and plots")
     add_compare_arguments(p_compare)
     p_compare.set_defaults(func=cmd_compare)
+
+    p_data = sub.add_parser("data", parents=[common], help="make data sets (the synthetic video-QA benchmark)")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="{synth}")
+    p_synth = data_sub.add_parser("synth", parents=[common],
+                                  help="generate the synthetic video-QA set: videos/*.mp4 and data.jsonl")
+    p_synth.add_argument("--out", required=True, help="output folder (created)")
+    p_synth.add_argument("--n", type=int, default=200, help="number of samples (question types in turn)")
+    p_synth.add_argument("--seed", type=int, default=0)
+    p_synth.add_argument("--frames", type=int, default=16, help="frames per clip")
+    p_synth.add_argument("--size", type=int, default=112, help="frame side in pixels (even)")
+    p_synth.set_defaults(func=cmd_data_synth)
     return parser
 
 
