@@ -38,6 +38,8 @@ class RunOutput:
     prefill_logits: Tensor
     ledger: TokenLedger
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # with ``logprobs=True``: the log-softmax (vocab,) float32 before each forced id (scoring continuations)
+    forced_logprobs: list[Tensor] | None = None
 
 
 def _log_sizes(sizes: Tensor | None) -> Tensor | None:
@@ -280,7 +282,7 @@ class _Decoder:
         return int(logits.argmax(-1))
 
     def decode(self, cache, first: int, next_position: int, rank: int, limit: int,
-               forced_ids: list[int] | None) -> list[int]:
+               forced_ids: list[int] | None, record: list[Tensor] | None = None) -> list[int]:
         adapter, new_ids = self.adapter, [first]
         device = adapter.device
         for step in range(1, limit):
@@ -289,7 +291,10 @@ class _Decoder:
                 break
             embeds = adapter.embed_tokens(torch.tensor([[fed]], device=device))
             positions = torch.full((rank, 1), next_position + step - 1, dtype=torch.long, device=device)
-            new_ids.append(self.choose(adapter.forward_llm(embeds, positions, cache), step))
+            logits = adapter.forward_llm(embeds, positions, cache)
+            if record is not None:
+                record.append(torch.log_softmax(logits[0].float(), -1).cpu())
+            new_ids.append(self.choose(logits, step))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return new_ids
@@ -337,9 +342,14 @@ def prefill(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: Compre
 
 @torch.no_grad()
 def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
-        min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None) -> RunOutput:
+        min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None,
+        logprobs: bool = False) -> RunOutput:
     """Encode, prefill and greedily decode; with ``forced_ids``, decode teacher-forced on those ids
-    and return the model's own argmax at each step as ``new_ids`` (for fidelity)."""
+    and return the model's own argmax at each step as ``new_ids`` (for fidelity), and with
+    ``logprobs`` the log-probabilities each step gave (``RunOutput.forced_logprobs``)."""
+    if logprobs and forced_ids is None:
+        raise ValueError("logprobs=True needs forced_ids: the log-probabilities are those of the forced tokens")
+    record: list[Tensor] | None = [] if logprobs else None
     ledger = TokenLedger()
     clock = StageClock(adapter.device)
     stack.start(seed, clock)
@@ -351,15 +361,18 @@ def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: Compressio
             limit = len(forced_ids) if forced_ids is not None else max_new_tokens
             with clock.stage("prefill"):
                 first = decoder.choose(done.logits, 0)
+        if record is not None:  # outside the clock: scoring is no part of the time to the first token
+            record.append(torch.log_softmax(done.logits[0].float(), -1).cpu())
         with clock.stage("decode"):
             positions = done.spliced.positions
-            new_ids = decoder.decode(done.cache, first, int(positions.max()) + 1, positions.shape[0], limit, forced_ids)
+            new_ids = decoder.decode(done.cache, first, int(positions.max()) + 1, positions.shape[0], limit, forced_ids,
+                                     record)
     finally:
         if done is not None and done.hooks is not None:
             done.hooks.remove()
     ledger.new_tokens = len(new_ids)
     return RunOutput(new_ids, adapter.decode_text(new_ids), done.logits[0].detach().float().cpu().clone(), ledger,
-                     _timings(clock))
+                     _timings(clock), record)
 
 
 def _timings(clock: StageClock) -> dict[str, float]:

@@ -131,7 +131,14 @@ def _label_configurations(ax: Axes, shown: list[Row]) -> None:
 # --- cost against fidelity ---------------------------------------------------------------------
 
 def fidelity_axis(rows: list[Row]) -> tuple[str, Callable[[Row], float | None]]:
-    """Top-1 agreement (%) when recorded, else -KL; the baseline is exact by definition (100%, 0)."""
+    """Accuracy (%) for an evaluation (``tokcomp eval``); else top-1 agreement (%) when recorded, else -KL
+    (the baseline is exact by definition: 100%, 0)."""
+    if any("accuracy" in r.metrics for r in rows):
+        def accuracy(row: Row) -> float | None:
+            value = row.metrics.get("accuracy")
+            return None if value is None else 100 * value
+        samples = max(int(r.metrics.get("eval.samples", 0)) for r in rows)
+        return f"accuracy on {samples} samples (%)", accuracy
     if any("fidelity.top1_agreement" in r.metrics for r in rows):
         def top1(row: Row) -> float | None:
             value = 1.0 if row.is_baseline else row.metrics.get("fidelity.top1_agreement")
@@ -155,8 +162,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot_pareto(rows: list[Row], path: Path) -> None:
     """Cost (FLOPs, TTFT) against fidelity per configuration, with the Pareto front of each sweep point."""
-    title = "Cost against fidelity: up and to the left is better"
     fid_label, fidelity = fidelity_axis(rows)
+    what = "accuracy" if fid_label.startswith("accuracy") else "fidelity"
+    title = f"Cost against {what}: up and to the left is better"
     usable = [r for r in rows if r.finished and fidelity(r) is not None]
     if not any(r.metrics.get(key) is not None for r in usable for key, _ in COST_AXES):
         return _no_data(path, title, "no finished configuration recorded both a cost and a fidelity metric")

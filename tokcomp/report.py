@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-PARENT_KINDS = ("experiment", "sweep")
+PARENT_KINDS = ("experiment", "sweep", "evaluation")
 REPORT_ARTIFACT_DIR = "report"
 METRICS = (
     "retained_ratio", "ttft.total_ms", "ttft.total_ms_min", "ttft.total_ms_max", "ttft.vision_ms",
@@ -49,6 +49,10 @@ TABLE_LEGEND = (
     "TTFT / TTFT;\nKL, top-1 (agreement) and exact match compare with the baseline's output. Every ratio uses "
     "the baseline of the same sweep point. '-': not recorded.\nsuspect: a speedup over 10% above the FLOPs-ideal "
     "one (baseline exact FLOPs / exact FLOPs)."
+)
+ACCURACY_LEGEND = (
+    "\naccuracy: share of the evaluation's samples answered correctly (a failed sample counts as wrong), overall "
+    "and per question type;\nretained, FLOPs and TTFT of an evaluation are means over its samples."
 )
 SUSPECT_MARGIN = 0.10  # a speedup this much above the FLOPs-ideal one is flagged
 
@@ -260,19 +264,37 @@ def _tera(value: float | None) -> str:
     return f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.3g}"
 
 
+def accuracy_kinds(rows: list[Row]) -> list[str] | None:
+    """The question types with per-type accuracy, when the rows come from ``tokcomp eval`` (else None)."""
+    if not any("accuracy" in row.metrics for row in rows):
+        return None
+    return sorted({k[len("accuracy."):] for row in rows for k in row.metrics if k.startswith("accuracy.")})
+
+
+def table_header(rows: list[Row]) -> list[str]:
+    """Table 1's columns; an evaluation's rows add accuracy overall and per question type after retention."""
+    kinds = accuracy_kinds(rows)
+    if kinds is None:
+        return TABLE_HEADER
+    return [*TABLE_HEADER[:2], "accuracy", *[f"acc. {k}" for k in kinds], *TABLE_HEADER[2:]]
+
+
 def comparison_table(rows: list[Row]) -> str:
-    """The paper's Table 1 layout: retention, FLOPs and their ratio, TTFT and speedup, throughput, fidelity."""
-    bases = baselines(rows)
-    return render_table(TABLE_HEADER, [_table_cells(row, bases.get(row.point)) for row in rows])
+    """The paper's Table 1 layout: retention, (accuracy,) FLOPs and their ratio, TTFT and speedup,
+    throughput, fidelity."""
+    bases, kinds = baselines(rows), accuracy_kinds(rows)
+    return render_table(table_header(rows), [_table_cells(row, bases.get(row.point), kinds) for row in rows])
 
 
-def _table_cells(row: Row, base: Row | None) -> list[str]:
+def _table_cells(row: Row, base: Row | None, kinds: list[str] | None = None) -> list[str]:
+    accuracy = [] if kinds is None else ["accuracy", *kinds]
     if not row.finished:
-        return [row.label, *["-"] * (len(TABLE_HEADER) - 2), _note(row)]
+        return [row.label, *["-"] * (len(TABLE_HEADER) - 2 + len(accuracy)), _note(row)]
     m = row.metrics
     paper, exact = ratio(row, base, "flops.paper.total_T"), ratio(row, base, "flops.exact.total_T")
+    scores = [_fmt(_percent(m.get(key if key == "accuracy" else f"accuracy.{key}")), "{:.1f}%") for key in accuracy]
     return [
-        row.label, _fmt(_percent(m.get("retained_ratio")), "{:.1f}%"),
+        row.label, _fmt(_percent(m.get("retained_ratio")), "{:.1f}%"), *scores,
         _tera(m.get("flops.paper.total_T")), _fmt(_percent(paper), "{:.1f}%"),
         _tera(m.get("flops.exact.total_T")), _fmt(_percent(exact), "{:.1f}%"),
         _fmt(m.get("ttft.total_ms"), "{:.1f}"), _fmt(speedup(row, base), "x{:.2f}"),
@@ -280,6 +302,10 @@ def _table_cells(row: Row, base: Row | None) -> list[str]:
         _fmt(_percent(m.get("fidelity.top1_agreement")), "{:.1f}%"), _yes_no(m.get("fidelity.exact_match")),
         _note(row, base),
     ]
+
+
+def legend(rows: list[Row]) -> str:
+    return TABLE_LEGEND + (ACCURACY_LEGEND if accuracy_kinds(rows) is not None else "")
 
 
 def _note(row: Row, base: Row | None = None) -> str:
@@ -340,7 +366,7 @@ def write_report(client: MlflowClient, parent: Run, out_dir: Path, rows: list[Ro
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = out_dir / "comparison.txt"
-    text.write_text(f"{_title(client, parent)}\n\n{comparison_table(rows)}\n\n{TABLE_LEGEND}\n")
+    text.write_text(f"{_title(client, parent)}\n\n{comparison_table(rows)}\n\n{legend(rows)}\n")
     paths = [text, write_csv(rows, out_dir / "comparison.csv")]
     for name, plot in (("ttft_breakdown.png", plots.plot_ttft_breakdown), ("pareto.png", plots.plot_pareto),
                        ("tokens_per_layer.png", plots.plot_tokens_per_layer)):
@@ -390,7 +416,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not rows:
         raise ConfigError(f"parent run {parent.info.run_id} has no configuration runs")
     paths = write_report(client, parent, Path(args.out) if args.out else default_out_dir(client, parent), rows)
-    print(f"{_title(client, parent)}\n\n{comparison_table(rows)}\n\n{TABLE_LEGEND}\n")
+    print(f"{_title(client, parent)}\n\n{comparison_table(rows)}\n\n{legend(rows)}\n")
     print(f"written (and logged on the parent run under {REPORT_ARTIFACT_DIR}/):")
     print("\n".join(f"  {path}" for path in paths))
     return 0

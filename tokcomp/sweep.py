@@ -151,28 +151,7 @@ class SweepRunner:
                 return runs
 
     def _claim(self, tracker, parent: Any, log: Callable[[str], None]) -> None:
-        """Take over the sweep's parent run. Its runs still RUNNING must belong to processes that are
-        gone (they are marked KILLED); one still alive here means the sweep is running: an error, as is
-        one on another host unless the resume is explicit."""
-        parent_id = parent.info.run_id
-        running = [run for run in [parent, *self._children(tracker, parent_id)] if run.info.status == "RUNNING"]
-        for run in running:
-            state, owner = owner_state(run.data.tags), describe_owner(run.data.tags)
-            if state == ALIVE:
-                raise TrackingError(f"this sweep is running now ({owner}, run {run.info.run_id} of parent run "
-                                    f"{parent_id}): wait for it, or stop it before resuming")
-            if state == UNKNOWN and not self.resume:
-                raise TrackingError(
-                    f"run {run.info.run_id} of this sweep (parent run {parent_id}) is RUNNING, started by {owner}, "
-                    f"which cannot be checked from here: if it is no longer running, resume explicitly "
-                    f"(tokcomp sweep --resume)")
-        for run in running:
-            if run.info.run_id != parent_id:
-                tracker.abandon(run.info.run_id, "KILLED", f"{describe_owner(run.data.tags)} ended without finishing "
-                                                           f"this run (found when the sweep resumed)")
-        if running:
-            log(f"marked {len(running)} run(s) left RUNNING by a process that is gone KILLED")
-        tracker.take_over(parent_id)
+        claim_parent(tracker, parent, self._children(tracker, parent.info.run_id), self.resume, log, "sweep")
 
     def _finished_children(self, tracker, runs: list[Any]) -> dict[str, Callable[[bool], ConfigurationResult]]:
         """config hash -> loader of the earlier FINISHED result (``loader(True)`` also reads its outputs)."""
@@ -271,3 +250,29 @@ class SweepRunner:
         tags = {**runner.base_tags(), "tokcomp.sweep_overrides": " ".join(point)}
         return runner.run_configurations(tracker, parent, tags, point=label, finished=finished,
                                          log=lambda _: None, on_done=lambda: bar.update(1), baselines=baselines)
+
+
+def claim_parent(tracker, parent: Any, children: list[Any], resume: bool, log: Callable[[str], None],
+                 command: str) -> None:
+    """Take over a resumable parent run (a sweep's, an evaluation's). Its runs still RUNNING must belong
+    to processes that are gone (they are marked KILLED); one still alive here means the command is
+    running: an error, as is one on another host unless the resume is explicit (``--resume``)."""
+    parent_id = parent.info.run_id
+    running = [run for run in [parent, *children] if run.info.status == "RUNNING"]
+    for run in running:
+        state, owner = owner_state(run.data.tags), describe_owner(run.data.tags)
+        if state == ALIVE:
+            raise TrackingError(f"this {command} is running now ({owner}, run {run.info.run_id} of parent run "
+                                f"{parent_id}): wait for it, or stop it before resuming")
+        if state == UNKNOWN and not resume:
+            raise TrackingError(
+                f"run {run.info.run_id} of this {command} (parent run {parent_id}) is RUNNING, started by {owner}, "
+                f"which cannot be checked from here: if it is no longer running, resume explicitly "
+                f"(tokcomp {command} --resume)")
+    for run in running:
+        if run.info.run_id != parent_id:
+            tracker.abandon(run.info.run_id, "KILLED", f"{describe_owner(run.data.tags)} ended without finishing "
+                                                       f"this run (found when the {command} resumed)")
+    if running:
+        log(f"marked {len(running)} run(s) left RUNNING by a process that is gone KILLED")
+    tracker.take_over(parent_id)
