@@ -4,6 +4,7 @@ VENV := .venv
 # the oldest transformers tokcomp supports, installed over .venv's packages (see test-oldest)
 OLDEST_TRANSFORMERS := 5.17.0
 OLDEST := .venv/oldest-transformers-$(OLDEST_TRANSFORMERS)
+LMMS_EVAL := 0.7.3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -14,7 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull several GB of CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,eval]"
+	# lmms-eval without its own requirements: the eval extra has what it imports (see pyproject.toml)
+	$(BIN)/python -m pip install -q --no-deps "lmms-eval==$(LMMS_EVAL)"
 	touch $(STAMP)
 
 demo: $(STAMP)
