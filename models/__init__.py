@@ -6,6 +6,7 @@ import importlib
 import json
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 from tokcomp.models.base import ModelPreset
 
@@ -16,6 +17,8 @@ _LLAVA_OV, _QWEN2_5_VL = "llava_onevision", "qwen2_5_vl"
 # adapters run their towers on any rows of temporal patches and any even patch grid, not on token subsets.
 LLAVA_ONEVISION_CAPABILITIES = frozenset({"intra_encoder", "vision_split"})
 QWEN_CAPABILITIES = frozenset({"intra_encoder"})
+# the trained tiny model shipped inside the package (``tiny-synth``, weights: pretrained)
+TINY_SYNTH_CHECKPOINT = str(Path(__file__).parent / "checkpoints" / "tiny-synth")
 
 
 def _call(module: str, function: str, spec, preset: str):
@@ -52,6 +55,10 @@ def tokcomp_register_models(register):
     llava = partial(_preset, family=_LLAVA_OV, module="llava_onevision", capabilities=LLAVA_ONEVISION_CAPABILITIES)
     register(llava("tiny", summary="random-weight LLaVA-OneVision built in code (byte tokenizer), for tests and the demo",
                    dims={"vision": "SigLIP 4L/32d @112px", "llm": "Qwen2 4L/64d GQA 4/2"}))
+    register(llava("tiny-synth", frames=16, hub_id=TINY_SYNTH_CHECKPOINT,
+                   summary="the tiny LLaVA-OneVision a little wider, trained on the synthetic video-QA set "
+                           "(tokcomp data synth): weights: pretrained (bundled, ~1 MB) or random",
+                   dims={"vision": "SigLIP 4L/48d @112px", "llm": "Qwen2 4L/96d GQA 6/2"}))
     for size in ("0.5b", "7b"):
         name = f"llava-onevision-{size}"
         register(llava(name, summary=f"LLaVA-OneVision {size.upper()}: weights: random (bundled config) or "

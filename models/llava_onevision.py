@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokcomp.models import LLAVA_ONEVISION_CAPABILITIES
+from tokcomp.models import LLAVA_ONEVISION_CAPABILITIES, TINY_SYNTH_CHECKPOINT
 from tokcomp.models._hf import TransformersAdapter, build_model, checkpoint_source, load_config
 from tokcomp.models.dims import dims_from_config
 from tokcomp.models.tiny_tokenizer import build_byte_tokenizer
@@ -64,9 +64,19 @@ def tiny_config(tokenizer: Any, image_size: int = 112) -> LlavaOnevisionConfig:
     )
 
 
+def synth_config(tokenizer: Any) -> LlavaOnevisionConfig:
+    """``tiny-synth``: the tiny architecture a little wider (vision 48d, LLM 96d), so the questions of the
+    synthetic set that compare frames are learnable (``tokcomp train-tiny`` trains it)."""
+    config = tiny_config(tokenizer)
+    config.vision_config.update(dict(hidden_size=48, intermediate_size=96, num_attention_heads=3))
+    config.text_config.update(dict(hidden_size=96, intermediate_size=192, num_attention_heads=6,
+                                   num_key_value_heads=2))
+    return config
+
+
 # LLaVA-Video's tiny stand-in: a 7x7 patch grid (98 px / 14), odd like the real 27x27, so pooling rounds
 # up to 4x4 as 27 -> 14 does; the OneVision tiny's 8x8 grid halves evenly.
-TINY_IMAGE_SIZE = {"tiny": 112, "llava-video-tiny": 98}
+TINY_IMAGE_SIZE = {"tiny": 112, "llava-video-tiny": 98, "tiny-synth": 112}
 
 
 def bundled_config(preset: str, image_size: int | None = None) -> LlavaOnevisionConfig:
@@ -90,6 +100,10 @@ def info_from_config(config: LlavaOnevisionConfig, preset: str) -> ModelInfo:
 def preset_config(spec: Any, preset: str) -> LlavaOnevisionConfig:
     """The model config a build of ``preset`` with ``spec`` would use, without building weights."""
     if spec.weights == "random":
+        if preset == "tiny-synth":
+            if spec.image_size not in (None, TINY_IMAGE_SIZE[preset]):
+                raise ConfigError(f"model.image_size={spec.image_size}: tiny-synth is trained at 112 px")
+            return synth_config(build_byte_tokenizer())
         if preset in TINY_IMAGE_SIZE:
             return tiny_config(build_byte_tokenizer(), spec.image_size or TINY_IMAGE_SIZE[preset])
         return bundled_config(preset, spec.image_size)
@@ -168,6 +182,7 @@ PRESET_HUB_IDS = {
     "llava-onevision-0.5b": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
     "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
     "llava-video-7b": "llava-hf/LLaVA-Video-7B-Qwen2-hf",
+    "tiny-synth": TINY_SYNTH_CHECKPOINT,
 }
 
 

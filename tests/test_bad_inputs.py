@@ -9,6 +9,7 @@ file's header, before any model exists.
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -147,6 +148,24 @@ CASES = [
     ("synth-few-frames", ["data", "synth", "--out", "synth", "--frames", "4"], "--frames must be at least 8"),
     ("synth-out-is-a-file", ["data", "synth", "--out", "nothing.yaml", "--n", "1"], "'nothing.yaml' exists and is not"),
     ("synth-unknown-subcommand", ["data", "sinth"], "'sinth'"),
+    # --- eval -----------------------------------------------------------------------------------------------
+    ("eval-no-data", ["eval", "exp.yaml"], "--data"),
+    ("eval-missing-data", ["eval", "exp.yaml", "--data", "missing.jsonl"], "'missing.jsonl' does not exist"),
+    ("eval-data-not-jsonl", ["eval", "exp.yaml", "--data", "notes.txt"], "notes.txt:1: not valid JSON"),
+    ("eval-data-missing-field", ["eval", "exp.yaml", "--data", "nofield.jsonl"], "nofield.jsonl:2: field 'question'"),
+    ("eval-data-missing-video", ["eval", "exp.yaml", "--data", "novideo.jsonl"], "field 'video' 'nope.mp4'"),
+    ("eval-data-undecodable-video", ["eval", "exp.yaml", "--data", "badvideo.jsonl"], "'notavideo.mp4'"),
+    ("eval-answer-not-an-option", ["eval", "exp.yaml", "--data", "badanswer.jsonl"], "'purple' is not among"),
+    ("eval-loglikelihood-free-form", ["eval", "exp.yaml", "--data", "free.jsonl", "--scoring", "loglikelihood"],
+     "sample 'f1'"),
+    ("eval-limit-zero", ["eval", "exp.yaml", "--data", "free.jsonl", "--limit", "0"], "--limit must be at least 1"),
+    ("eval-unknown-scoring", ["eval", "exp.yaml", "--data", "free.jsonl", "--scoring", "likelihood"], "'likelihood'"),
+    ("eval-unknown-strategy", ["eval", "exp.yaml", "--data", "free.jsonl",
+                               "configurations.fastv.strategies.0.name=fastvv"], "'fastvv'"),
+    ("eval-tiny-synth-image-size", ["eval", "exp.yaml", "--data", "free.jsonl", "model.preset=tiny-synth",
+                                    "model.weights=random", "model.image_size=56"], "tiny-synth is trained at 112"),
+    ("train-tiny-out-is-a-file", ["train-tiny", "--out", "nothing.yaml", "--steps", "1"], "'nothing.yaml' exists"),
+    ("train-tiny-zero-steps", ["train-tiny", "--out", "ckpt-new", "--steps", "0"], "--steps >= 1"),
     ("flops-nothing-given", ["flops"], "give either an experiment YAML or --model"),
     ("flops-from-run-with-model", ["flops", "--model", "tiny", "--from-run", "abc123"], "--from-run 'abc123' goes with"),
     ("flops-unknown-model", ["flops", "--model", "tiny2"], "'tiny2'"),
@@ -185,6 +204,13 @@ def fixture_files(root: Path, store: str) -> None:
           fastv: {{strategies: [{{name: fastv, params: {{layer: 2, ratio: 0.5}}}}]}}
         tracking: {{uri: "{store}"}}
     """))
+    clip = str(Path(store[len("sqlite:///"):]).parent / "short.mp4")  # the shared 4-frame clip
+    sample = {"id": "s1", "video": clip, "question": "Which colour?", "options": ["red", "blue"], "answer": "red"}
+    (root / "nofield.jsonl").write_text(json.dumps(sample) + "\n" + json.dumps({"id": "s2", "video": clip}) + "\n")
+    (root / "novideo.jsonl").write_text(json.dumps({**sample, "video": "nope.mp4"}) + "\n")
+    (root / "badvideo.jsonl").write_text(json.dumps({**sample, "video": "notavideo.mp4"}) + "\n")
+    (root / "badanswer.jsonl").write_text(json.dumps({**sample, "answer": "purple"}) + "\n")
+    (root / "free.jsonl").write_text(json.dumps({"id": "f1", "video": clip, "question": "What?", "answer": "x"}) + "\n")
     (root / "empty.yaml").write_text("")
     (root / "comments.yaml").write_text("# nothing here yet\n\n")
     (root / "broken.yaml").write_text("model: [tiny\n")

@@ -1,4 +1,4 @@
-"""The ``tokcomp`` command: list what is registered, run experiments."""
+"""The ``tokcomp`` command: list what is registered, run, sweep and evaluate experiments, compare them."""
 
 from __future__ import annotations
 
@@ -41,12 +41,21 @@ def cmd_list(args: argparse.Namespace) -> int:
             reg = plugins.models[name]
             preset = reg.obj
             rows.append([name, preset.family, preset.dims.get("vision", ""), preset.dims.get("llm", ""),
-                         preset.hub_id or "-", reg.plugin, preset.summary])
+                         _checkpoint_label(preset.hub_id), reg.plugin, preset.summary])
         print(render_table(["model", "family", "vision", "llm", "checkpoint", "plugin", "summary"], rows))
     if not rows:
         print(f"(nothing matches {args.pattern!r})", file=sys.stderr)
         return 1
     return 0
+
+
+def _checkpoint_label(source: str | None) -> str:
+    """A hub id as it is; a checkpoint shipped inside the package as ``bundled``."""
+    if source is None:
+        return "-"
+    from pathlib import Path
+
+    return "bundled" if Path(source).is_absolute() else source
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,6 +122,40 @@ def check_sweep(sweep) -> None:
         raise errors[0]
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tokcomp.evaluation import Evaluation, accuracy_table
+
+    evaluation = Evaluation(args.experiment, args.data, args.overrides, scoring=args.scoring, limit=args.limit,
+                            resume=args.resume or None, trace=args.trace_hooks)
+    result = evaluation.run(log=tqdm_write, progress=not args.no_progress)
+    print(f"{result.name}: {len(evaluation.samples)} samples of {args.data}, scoring: {args.scoring}")
+    print(accuracy_table(result.configurations, result.kinds))
+    print("accuracy: % of all samples (a failed sample counts as wrong); retained, LLM visual, TTFT, FLOPs: "
+          "per-sample means")
+    if result.tracking_uri:
+        print(f"\nMLflow: evaluation parent run {result.parent_run_id} at {result.tracking_uri} (per-sample "
+              f"predictions: predictions.jsonl of each configuration's run; report: tokcomp compare "
+              f"{result.parent_run_id} --tracking-uri {result.tracking_uri})")
+    if result.failed:
+        print(f"failed: {', '.join(result.failed)} (run the same command again to retry them)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    from tokcomp.train_tiny import TrainSettings, train
+
+    given = {k: getattr(args, k) for k in ("steps", "batch", "lr", "seed") if getattr(args, k) is not None}
+    settings = TrainSettings(**given)
+    report = train(args.out, settings, log=tqdm_write)
+    rows = [[name, *(f"{100 * acc:.0f}%" for acc in scores.values())] for name, scores in report["held_out"].items()]
+    kinds = list(next(iter(report["held_out"].values())))
+    print(render_table(["held-out", *kinds], rows))
+    print(f"saved to {args.out} ({report['seconds']:.0f} s); use it with model.preset=tiny-synth "
+          f"model.weights={args.out}")
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from collections import Counter
 
@@ -159,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     # global options work after the subcommand too (``tokcomp run --trace-hooks X.yaml``)
     common = argparse.ArgumentParser(add_help=False)
     _trace_option(common, argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,flops,compare,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,sweep,eval,flops,compare,data,train-tiny}")
 
     p_list = sub.add_parser("list", parents=[common], help="list registered strategies or model presets")
     p_list.add_argument("what", choices=["strategies", "models"])
@@ -182,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="take over runs of this sweep left RUNNING by a process on another host")
     p_sweep.set_defaults(func=cmd_sweep)
 
+    p_eval = sub.add_parser("eval", parents=[common],
+                            help="accuracy and efficiency of every configuration on a video-QA file (JSONL)")
+    p_eval.add_argument("experiment", help="experiment YAML file")
+    p_eval.add_argument("overrides", nargs="*", help="dotted overrides, e.g. input.frames=8")
+    p_eval.add_argument("--data", required=True, metavar="FILE.jsonl",
+                        help="one JSON object per line: id, video (path relative to the file), question, "
+                             "options (multiple choice) or none (free form), answer")
+    p_eval.add_argument("--scoring", choices=["generate", "loglikelihood"], default="generate",
+                        help="multiple choice: parse the option letter from the generated answer (default), or "
+                             "rank the options by the log-probability of their letter")
+    p_eval.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples")
+    p_eval.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_eval.add_argument("--resume", action="store_true",
+                        help="take over runs of this evaluation left RUNNING by a process on another host")
+    p_eval.set_defaults(func=cmd_eval)
+
     from tokcomp.flops_cli import add_flops_arguments, cmd_flops
 
     p_flops = sub.add_parser("flops", parents=[common],
@@ -195,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
                                help="compare the configurations of a run or sweep from MLflow: table and plots")
     add_compare_arguments(p_compare)
     p_compare.set_defaults(func=cmd_compare)
+
+    p_train = sub.add_parser("train-tiny", parents=[common],
+                             help="train the tiny-synth model on the synthetic video-QA set (reproduces the "
+                                  "bundled checkpoint)")
+    p_train.add_argument("--out", required=True, help="checkpoint folder to write")
+    # defaults: tokcomp.train_tiny.TrainSettings (not imported here: it needs torch)
+    p_train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the bundled model's)")
+    p_train.add_argument("--batch", type=int, default=None, help="clips per question type per step")
+    p_train.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p_train.add_argument("--seed", type=int, default=None)
+    p_train.set_defaults(func=cmd_train_tiny)
 
     p_data = sub.add_parser("data", parents=[common], help="make data sets (the synthetic video-QA benchmark)")
     data_sub = p_data.add_subparsers(dest="data_command", required=True, metavar="{synth}")

@@ -239,6 +239,12 @@ def hub_source(weights: str, preset: Any, what: str = "model.weights") -> str | 
 
 def check_weights(weights: str, preset: Any, what: str = "model.weights") -> None:
     """A local checkpoint folder holds a config; a hub checkpoint is cached, or the hub is reachable."""
+    bundled = getattr(preset, "hub_id", None)
+    if weights == "pretrained" and bundled and Path(bundled).is_absolute():  # shipped inside the package
+        if not (Path(bundled) / "config.json").is_file():
+            raise ConfigError(f"{what}=pretrained: preset {preset.name!r}'s bundled checkpoint is missing "
+                              f"({bundled}); rebuild it with `tokcomp train-tiny --out {bundled}`")
+        return
     source = hub_source(str(weights), preset, what)
     if source is None:
         path = Path(str(weights)).expanduser()

@@ -67,8 +67,13 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 
 def _disc(frame: np.ndarray, cy: float, cx: float, radius: float, colour: tuple[int, int, int]) -> None:
-    yy, xx = np.mgrid[0 : frame.shape[0], 0 : frame.shape[1]]
-    frame[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = colour
+    """Paint the pixels within ``radius`` of (cy, cx); only its bounding box is looked at."""
+    y0, x0 = max(0, int(np.floor(cy - radius))), max(0, int(np.floor(cx - radius)))
+    y1, x1 = min(frame.shape[0], int(np.ceil(cy + radius)) + 1), min(frame.shape[1], int(np.ceil(cx + radius)) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    frame[y0:y1, x0:x1][(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = colour
 
 
 def _square(frame: np.ndarray, y: int, x: int, side: int, colour: tuple[int, int, int]) -> None:
