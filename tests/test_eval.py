@@ -213,3 +213,16 @@ def test_eval_command_prints_the_accuracy_table(synth, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "accuracy %" in out and "uncompressed" in out and "2 samples" in out
+
+
+def test_decoding_ends_at_a_stop_string_and_the_answer_is_cut_before_it(synth, tmp_path):
+    sample = json.loads(synth.read_text().splitlines()[0])
+    answerer = Answerer(load_experiment(experiment(tmp_path, "sqlite:///unused.db", "eval-stop", configurations="{}")))
+    video = answerer.read(synth.parent / sample["video"])
+    full = answerer.generate("uncompressed", video, "Go on.", max_new_tokens=8, min_new_tokens=8)
+    stop = full.text[0]
+    # decoding ends after the first token whose text holds the stop string
+    k = next(k for k in range(1, 9) if stop in answerer.adapter.decode_text(full.new_ids[:k]))
+    cut = answerer.generate("uncompressed", video, "Go on.", max_new_tokens=8, min_new_tokens=8, stop=[stop])
+    assert cut.new_ids == full.new_ids[:k] and cut.text == ""
+    assert cut.ledger.new_tokens == k < 8

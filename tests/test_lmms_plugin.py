@@ -260,21 +260,21 @@ def test_frames_given_as_images_are_sampled_to_input_frames(lm):
     lm.report(show=lambda _: None)
 
 
-def test_generate_until_cuts_the_answer_at_the_first_stop_string(lm, monkeypatch):
+def test_generate_until_stops_decoding_at_the_task_stop_strings(lm, monkeypatch):
     from PIL import Image
 
-    generate = lm.answerer.generate
+    generate, asked = lm.answerer.generate, []
 
-    def wordy(*args, **kwargs):
-        answer = generate(*args, **kwargs)
-        answer.text = "B. blue, I think.\nUSER: more"
-        return answer
+    def spy(*args, **kwargs):
+        asked.append(kwargs)
+        return generate(*args, **kwargs)
 
-    monkeypatch.setattr(lm.answerer, "generate", wordy)
+    monkeypatch.setattr(lm.answerer, "generate", spy)
     lm.task_dict = {"t": {"test": [{}]}}
     req = request("generate_until", [Image.new("RGB", (32, 32))] * 8)
     req.arguments[1].update(until=["USER:", "\n", ","], max_new_tokens=2)
-    assert lm.generate_until([req]) == ["B. blue"]
+    [text] = lm.generate_until([req])
+    assert asked[-1]["stop"] == ["USER:", "\n", ","] and not any(s in text for s in ("USER:", "\n", ","))
     lm.report(show=lambda _: None)
 
 

@@ -133,16 +133,22 @@ class Answerer:
 
     # ---- answers -------------------------------------------------------------------------------
     def generate(self, configuration: str, video: VideoInput, prompt: str, max_new_tokens: int | None = None,
-                 min_new_tokens: int = 0) -> Answer:
-        """Greedy answer to ``prompt`` about ``video`` under ``configuration``, with its cost."""
+                 min_new_tokens: int = 0, stop: tuple[str, ...] | list[str] = ()) -> Answer:
+        """Greedy answer to ``prompt`` about ``video`` under ``configuration``, with its cost; decoding ends
+        at the first of the ``stop`` strings, which the text is cut before."""
         adapter = self.build()
         stack = self._stack(configuration, video)
         try:
             out = run_pipeline(adapter, video, prompt, stack, seed=self.cfg.seed, min_new_tokens=min_new_tokens,
-                               max_new_tokens=max_new_tokens or self.cfg.generation.max_new_tokens)
+                               max_new_tokens=max_new_tokens or self.cfg.generation.max_new_tokens,
+                               stop=tuple(s for s in stop if s))
         finally:
             stack.close()
-        return Answer(out.text, out.new_ids, out.ledger, out.timings_ms, flops_metrics(out.ledger, adapter.dims),
+        text = out.text
+        cuts = [text.index(s) for s in stop if s and s in text]
+        if cuts:
+            text = text[: min(cuts)]
+        return Answer(text, out.new_ids, out.ledger, out.timings_ms, flops_metrics(out.ledger, adapter.dims),
                       out.prefill_logits)
 
     def first_token_logprobs(self, answer: Answer, continuations: list[str]) -> list[float] | None:

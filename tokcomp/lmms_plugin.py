@@ -284,11 +284,8 @@ class TokcompLMM(lmms):
         max_new_tokens = self._max_new_tokens(gen_kwargs, task)
         self._warm_up(video, context)
         answer = self.answerer.generate(self.configuration, video, context, max_new_tokens=max_new_tokens,
-                                        min_new_tokens=int(gen_kwargs.get("min_new_tokens") or 0))
-        text = answer.text
-        cuts = [text.index(s) for s in until if s in text]
-        if cuts:
-            text = text[: min(cuts)]
+                                        min_new_tokens=int(gen_kwargs.get("min_new_tokens") or 0), stop=until)
+        text = answer.text  # cut before the first ``until`` string; decoding stopped there
         record = self._record(task, doc_id, request, video, answer, output=text)
         return text, record
 

@@ -282,10 +282,13 @@ class _Decoder:
         return int(logits.argmax(-1))
 
     def decode(self, cache, first: int, next_position: int, rank: int, limit: int,
-               forced_ids: list[int] | None, record: list[Tensor] | None = None) -> list[int]:
+               forced_ids: list[int] | None, record: list[Tensor] | None = None,
+               stop: tuple[str, ...] = ()) -> list[int]:
         adapter, new_ids = self.adapter, [first]
         device = adapter.device
         for step in range(1, limit):
+            if stop and any(s in adapter.decode_text(new_ids) for s in stop):
+                break
             fed = forced_ids[step - 1] if forced_ids is not None else new_ids[-1]
             if forced_ids is None and fed in self.eos:
                 break
@@ -343,10 +346,11 @@ def prefill(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: Compre
 @torch.no_grad()
 def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: CompressionStack, *, max_new_tokens: int,
         min_new_tokens: int = 0, seed: int = 0, forced_ids: list[int] | None = None,
-        logprobs: bool = False) -> RunOutput:
+        logprobs: bool = False, stop: tuple[str, ...] = ()) -> RunOutput:
     """Encode, prefill and greedily decode; with ``forced_ids``, decode teacher-forced on those ids
     and return the model's own argmax at each step as ``new_ids`` (for fidelity), and with
-    ``logprobs`` the log-probabilities each step gave (``RunOutput.forced_logprobs``)."""
+    ``logprobs`` the log-probabilities each step gave (``RunOutput.forced_logprobs``). Decoding also
+    ends once the text holds one of the ``stop`` strings (the text keeps it; callers cut)."""
     if logprobs and forced_ids is None:
         raise ValueError("logprobs=True needs forced_ids: the log-probabilities are those of the forced tokens")
     record: list[Tensor] | None = [] if logprobs else None
@@ -366,7 +370,7 @@ def run(adapter: ModelAdapter, video: VideoInput, prompt: str, stack: Compressio
         with clock.stage("decode"):
             positions = done.spliced.positions
             new_ids = decoder.decode(done.cache, first, int(positions.max()) + 1, positions.shape[0], limit, forced_ids,
-                                     record)
+                                     record, tuple(stop))
     finally:
         if done is not None and done.hooks is not None:
             done.hooks.remove()
