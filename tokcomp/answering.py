@@ -23,7 +23,7 @@ from tokcomp.errors import ConfigError
 from tokcomp.pipeline import run as run_pipeline
 from tokcomp.plugins import Plugins
 from tokcomp.preflight import check_experiment
-from tokcomp.runner import AdapterCache, build_strategies, flops_metrics
+from tokcomp.runner import AdapterCache, build_strategies, check_strategies, flops_metrics
 from tokcomp.stack import CompressionStack
 from tokcomp.strategy import Strategy
 from tokcomp.video import read_video, sampled_fps
@@ -96,15 +96,7 @@ class Answerer:
         return self.adapter
 
     def _check_strategies(self, info: Any, only: str | None = None) -> None:
-        for conf_name, strategies in self.strategies.items():
-            if only is not None and conf_name != only:
-                continue
-            for i, strategy in enumerate(strategies):
-                try:
-                    strategy.check_model(info)
-                    strategy.check(info)
-                except ConfigError as exc:
-                    raise ConfigError(f"configurations.{conf_name}.strategies.{i} on model {info.name!r}: {exc}") from exc
+        check_strategies(self.strategies, info, only)
 
     def _strategies(self, configuration: str) -> list[Strategy]:
         if configuration not in self.strategies:

@@ -39,15 +39,16 @@ from tokcomp.runner import (
     AdapterCache,
     artifact_errors,
     check_tracking,
+    close_parent,
     config_hash,
     describe_stop,
     end_status,
     error_message,
     open_tracker,
 )
-from tokcomp.sweep import RESUME_ENV, claim_parent
+from tokcomp.sweep import RESUME_ENV, child_runs, claim_parent, latest_run_tagged
 from tokcomp.tables import render_table
-from tokcomp.tracking import Tracker, machine_tags, terminate_cleanly
+from tokcomp.tracking import machine_tags, terminate_cleanly
 
 SCORINGS = ("generate", "loglikelihood")
 CHUNK = 50  # predictions per artifact part: a part is rewritten after each of its samples
@@ -128,24 +129,11 @@ class Evaluation:
 
     # ---- finding earlier attempts ----------------------------------------------------------------
     def _find_parent(self, tracker) -> Any:
-        if not isinstance(tracker, Tracker):
-            return None
-        runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`tokcomp.eval_key` = '{self.key}' and tags.`tokcomp.kind` = 'evaluation'",
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0] if runs else None
+        return latest_run_tagged(tracker, {"tokcomp.eval_key": self.key, "tokcomp.kind": "evaluation"})
 
     @staticmethod
     def _children(tracker, parent: str) -> list[Any]:
-        if not isinstance(tracker, Tracker):
-            return []
-        runs, token = [], None
-        while True:
-            page = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
-                                              max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
+        return child_runs(tracker, parent)
 
     # ---- the command -----------------------------------------------------------------------------
     def run(self, log: Callable[[str], None] = print, progress: bool = True) -> EvalResult:
@@ -326,17 +314,8 @@ class Evaluation:
 
     def _finish_parent(self, tracker, parent: str, results: list[EvalConfigurationResult], errors: list[str],
                        resumed: bool) -> str:
-        failed = [r.name for r in results if r.status == "FAILED"]
-        tracker.set_tags(parent, {"tokcomp.failed_configurations": ",".join(failed) or "none",
-                                  "tokcomp.resumed": str(resumed).lower()})
-        errors = [*errors, *artifact_errors(tracker.log_text, parent, accuracy_table(results, self.kinds),
-                                            "summary.txt")]
-        if errors:
-            tracker.set_tags(parent, {"tokcomp.error": "; ".join(errors)})
-            tracker.finish(parent, "FAILED")
-            return "; ".join(errors)
-        tracker.finish(parent, "FINISHED")
-        return ""
+        return close_parent(tracker, parent, [r.name for r in results if r.status == "FAILED"], errors,
+                            accuracy_table(results, self.kinds), {"tokcomp.resumed": str(resumed).lower()})
 
 
 def _jsonl(records: list[dict]) -> str:

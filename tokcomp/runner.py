@@ -148,6 +148,19 @@ def build_strategies(plugins: Plugins, cfg: DictConfig) -> dict[str, list[Strate
     return built
 
 
+def check_strategies(built: dict[str, list[Strategy]], info: Any, only: str | None = None) -> None:
+    """Every configuration's strategies (or ``only`` that one's) against the model's info for a video."""
+    for conf_name, strategies in built.items():
+        if only is not None and conf_name != only:
+            continue
+        for i, strategy in enumerate(strategies):
+            try:
+                strategy.check_model(info)
+                strategy.check(info)
+            except ConfigError as exc:
+                raise ConfigError(f"configurations.{conf_name}.strategies.{i} on model {info.name!r}: {exc}") from exc
+
+
 def configuration_config(cfg: DictConfig, conf_name: str) -> dict[str, Any]:
     """The resolved config of one configuration: what a run of it depends on (no tracking, no names)."""
     data = OmegaConf.to_container(cfg, resolve=True)
@@ -295,13 +308,7 @@ class ExperimentRunner:
         self.adapter, self.video = adapter, video  # warm-up passes: run_configurations, by timing.order
 
     def _check_strategies(self, info) -> None:
-        for conf_name, strategies in self.strategies.items():
-            for i, strategy in enumerate(strategies):
-                try:
-                    strategy.check_model(info)
-                    strategy.check(info)
-                except ConfigError as exc:
-                    raise ConfigError(f"configurations.{conf_name}.strategies.{i} on model {info.name!r}: {exc}") from exc
+        check_strategies(self.strategies, info)
 
     def base_tags(self) -> dict[str, str]:
         cfg, adapter = self.cfg, self.adapter
@@ -586,9 +593,15 @@ def finish_parent(tracker, parent: str, results: list[ConfigurationResult], erro
                   tags: dict[str, str] | None = None) -> str:
     """End a parent run: its tags and summary table, FINISHED; FAILED with ``tokcomp.error`` when its own
     artifacts could not be written. Returns that error ("" when there is none)."""
-    failed = [r.label for r in results if r.status == "FAILED"]
-    tracker.set_tags(parent, {"tokcomp.failed_configurations": ",".join(failed) or "none", **(tags or {})})
     summary = format_table([r for r in results if r.metrics or r.status == "FAILED"])
+    return close_parent(tracker, parent, [r.label for r in results if r.status == "FAILED"], errors, summary, tags)
+
+
+def close_parent(tracker, parent: str, failed: list[str], errors: list[str], summary: str,
+                 tags: dict[str, str] | None = None) -> str:
+    """A parent run's end: tags (the failed configurations), ``summary.txt``, FINISHED, or FAILED with
+    ``tokcomp.error`` when its own artifacts could not be written (that error is returned)."""
+    tracker.set_tags(parent, {"tokcomp.failed_configurations": ",".join(failed) or "none", **(tags or {})})
     errors = [*errors, *artifact_errors(tracker.log_text, parent, summary, "summary.txt")]
     if errors:
         tracker.set_tags(parent, {"tokcomp.error": "; ".join(errors)})

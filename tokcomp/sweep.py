@@ -133,22 +133,11 @@ class SweepRunner:
         self.resume = resume if resume is not None else os.environ.get(RESUME_ENV, "").lower() in ("1", "true", "yes")
 
     def _find_parent(self, tracker) -> Any:
-        if not isinstance(tracker, Tracker):  # tracking disabled: nothing to resume from
-            return None
-        runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`tokcomp.sweep_key` = '{self.key}'",
-                                          order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0] if runs else None
+        return latest_run_tagged(tracker, {"tokcomp.sweep_key": self.key})
 
     @staticmethod
     def _children(tracker, parent: str) -> list[Any]:
-        runs, token = [], None
-        while True:
-            page = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
-                                              max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
+        return child_runs(tracker, parent)
 
     def _claim(self, tracker, parent: Any, log: Callable[[str], None]) -> None:
         claim_parent(tracker, parent, self._children(tracker, parent.info.run_id), self.resume, log, "sweep")
@@ -276,3 +265,27 @@ def claim_parent(tracker, parent: Any, children: list[Any], resume: bool, log: C
     if running:
         log(f"marked {len(running)} run(s) left RUNNING by a process that is gone KILLED")
     tracker.take_over(parent_id)
+
+
+def child_runs(tracker, parent: str) -> list[Any]:
+    """Every child run of ``parent`` (all pages); none without tracking."""
+    if not isinstance(tracker, Tracker):
+        return []
+    runs, token = [], None
+    while True:
+        page = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                                          max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def latest_run_tagged(tracker, tags: dict[str, str]) -> Any:
+    """The most recent run with all of ``tags`` (a resumable command's parent); None without tracking."""
+    if not isinstance(tracker, Tracker):  # tracking disabled: nothing to resume from
+        return None
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = tracker.client.search_runs([tracker.experiment_id], where, order_by=["attributes.start_time DESC"],
+                                      max_results=1)
+    return runs[0] if runs else None
