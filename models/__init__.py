@@ -55,7 +55,7 @@ def tokcomp_register_models(register):
     llava = partial(_preset, family=_LLAVA_OV, module="llava_onevision", capabilities=LLAVA_ONEVISION_CAPABILITIES)
     register(llava("tiny", summary="random-weight LLaVA-OneVision built in code (byte tokenizer), for tests and the demo",
                    dims={"vision": "SigLIP 4L/32d @112px", "llm": "Qwen2 4L/64d GQA 4/2"}))
-    register(llava("tiny-synth", frames=16, hub_id=TINY_SYNTH_CHECKPOINT,
+    register(llava("tiny-synth", frames=8, hub_id=TINY_SYNTH_CHECKPOINT,
                    summary="the tiny LLaVA-OneVision a little wider, trained on the synthetic video-QA set "
                            "(tokcomp data synth): weights: pretrained (bundled, ~1 MB) or random",
                    dims={"vision": "SigLIP 4L/48d @112px", "llm": "Qwen2 4L/96d GQA 6/2"}))

@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--out", required=True, help="checkpoint folder to write")
     # defaults: tokcomp.train_tiny.TrainSettings (not imported here: it needs torch)
     p_train.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the bundled model's)")
-    p_train.add_argument("--batch", type=int, default=None, help="clips per question type per step")
-    p_train.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p_train.add_argument("--batch", type=int, default=None, help="clips per step (one question type per step, types in turn)")
+    p_train.add_argument("--lr", type=float, default=None, help="learning rate (constant)")
     p_train.add_argument("--seed", type=int, default=None)
     p_train.set_defaults(func=cmd_train_tiny)
 
