@@ -299,3 +299,15 @@ def test_ghost_runs_show_killed_superseded_attempts_are_hidden_and_impossible_sp
         records = {r["label"]: r for r in csv.DictReader(f)}
     assert float(records["too_fast"]["flops.ideal_speedup"]) == pytest.approx(2.0)
     assert records["too_fast"]["note"].startswith("suspect") and "repeat.ttft.total_ms" not in records["fair"]
+
+
+def test_compare_warns_when_the_configurations_were_timed_on_different_device_types(rows):
+    from tokcomp.report import device_warning
+
+    same = [replace(r, device="cuda: NVIDIA H100") for r in rows]
+    assert device_warning(same) == ""
+    mixed = [replace(r, device="NVIDIA H100" if i % 2 else "NVIDIA A100") for i, r in enumerate(same)]
+    warning = device_warning(mixed)
+    assert "2 different device types" in warning and "NVIDIA H100" in warning and "NVIDIA A100" in warning
+    unrecorded = [replace(r, device="") for r in rows]  # runs from before the tags: nothing to say
+    assert device_warning(unrecorded) == ""

@@ -18,7 +18,9 @@ import csv
 import json
 import os
 import re
+import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -73,6 +75,7 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     config_hash: str = ""  # the identity of the configuration at its point (attempts share it)
     reuses: str = ""  # a baseline that reuses another point's run: that run's id
+    device: str = ""  # what its times were measured on (GPU name, or CPU model), from its tags
     load_ledger: Callable[[], dict[str, Any] | None] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -203,9 +206,28 @@ def _row(client: MlflowClient, run: Run) -> Row:
         point=tags.get("tokcomp.sweep_point", ""), status=status, error=error,
         is_baseline=baseline, strategies=tags.get("tokcomp.strategies", ""), start_time=run.info.start_time or 0,
         metrics=dict(run.data.metrics), config_hash=tags.get("tokcomp.config_hash", ""),
-        reuses=tags.get("tokcomp.reuses_run", ""),
+        reuses=tags.get("tokcomp.reuses_run", ""), device=timed_on(tags),
         load_ledger=lambda: _download_json(client, run.info.run_id, "ledger.json"),
     )
+
+
+def timed_on(tags: dict[str, str]) -> str:
+    """The device type a run was timed on: its GPU, else its CPU model ("" when not recorded)."""
+    if tags.get("host.gpu"):
+        return tags["host.gpu"]
+    return f"{tags['host.device']}: {tags.get('host.cpu', '?')}" if tags.get("host.device") else ""
+
+
+def device_warning(rows: list[Row]) -> str:
+    """A warning when the timed rows of one table ran on different device types (a sweep spread over a
+    mixed cluster): their TTFT and throughput are not comparable."""
+    timed = Counter(row.device for row in rows if row.finished and row.device and not row.reuses
+                    and "ttft.total_ms" in row.metrics)
+    if len(timed) < 2:
+        return ""
+    kinds = "; ".join(f"{device} ({count} run{'s' * (count > 1)})" for device, count in timed.most_common())
+    return (f"warning: these configurations were timed on {len(timed)} different device types ({kinds}): "
+            f"compare their times only within one device type")
 
 
 def _download_json(client: MlflowClient, run_id: str, path: str) -> dict[str, Any] | None:
@@ -416,6 +438,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not rows:
         raise ConfigError(f"parent run {parent.info.run_id} has no configuration runs")
     paths = write_report(client, parent, Path(args.out) if args.out else default_out_dir(client, parent), rows)
+    warning = device_warning(rows)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"{_title(client, parent)}\n\n{comparison_table(rows)}\n\n{legend(rows)}\n")
     print(f"written (and logged on the parent run under {REPORT_ARTIFACT_DIR}/):")
     print("\n".join(f"  {path}" for path in paths))
