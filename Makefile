@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull several GB of CUDA packages.
 	$(BIN)/python -m pip install -q -c constraints.txt torch
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,eval]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,eval,ray]"
 	# lmms-eval without its own requirements: the eval extra has what it imports (see pyproject.toml)
 	$(BIN)/python -m pip install -q --no-deps "lmms-eval==$(LMMS_EVAL)"
 	touch $(STAMP)
@@ -30,11 +30,11 @@ demo: $(STAMP)
 	$(BIN)/tokcomp eval experiments/synth_eval.yaml --data results/synth/data.jsonl
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 # Without the real-size model tests (`-m slow`: the 0.5B and 3B dimensions); `make test` runs them too.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 # The same suite against the oldest supported transformers: it and the huggingface_hub major it needs
 # (<2, with httpx) go into a --target folder put first on PYTHONPATH; everything else is .venv's.
@@ -46,7 +46,7 @@ $(OLDEST)/.installed: $(STAMP)
 
 test-oldest: $(OLDEST)/.installed
 	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
-	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
+	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

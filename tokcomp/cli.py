@@ -16,6 +16,14 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
+def _executor_options(parser: argparse.ArgumentParser, unit: str) -> None:
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help=f"local: in this process (default); ray: {unit} as tasks on a Ray cluster, "
+                             "logging to an MLflow tracking server (tracking.uri=http://...)")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT|ray://HOST:PORT",
+                        help="the Ray cluster (default: $RAY_ADDRESS, else a new local one on this machine)")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from tokcomp.plugins import Plugins
 
@@ -69,12 +77,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(to_yaml(cfg))
         return 0
     check_experiment(cfg, experiment_file=args.experiment)  # before the tracking store or a results folder
-    runner = ExperimentRunner(cfg, trace=args.trace_hooks, experiment_file=args.experiment)
-    result = runner.run(log=lambda msg: print(msg, file=sys.stderr))
+    if args.executor == "ray":  # one task per configuration; resumable like a sweep of one point
+        from tokcomp.sweep import SweepRunner
+
+        sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks, resume=args.resume or None,
+                            executor="ray", address=args.address, grid=False)
+        result = sweep.run(log=tqdm_write, progress=not args.no_progress)
+    else:
+        runner = ExperimentRunner(cfg, trace=args.trace_hooks, experiment_file=args.experiment)
+        result = runner.run(log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(result.configurations))
     if result.tracking_uri:
+        browse = result.tracking_uri if result.tracking_uri.startswith(("http://", "https://")) else \
+            f"mlflow ui --backend-store-uri {result.tracking_uri}"
         print(f"\nMLflow: parent run {result.parent_run_id} in experiment {cfg.tracking.experiment or cfg.name!r} "
-              f"at {result.tracking_uri}  (browse: mlflow ui --backend-store-uri {result.tracking_uri})")
+              f"at {result.tracking_uri}  (browse: {browse})")
     if result.failed:
         print(f"failed configurations: {', '.join(result.failed)} (errors logged to their MLflow runs)", file=sys.stderr)
         return 1
@@ -87,7 +104,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tokcomp.sweep import SweepRunner
 
     check_experiment_file(args.experiment)
-    sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks, resume=args.resume or None)
+    sweep = SweepRunner(args.experiment, args.overrides, trace=args.trace_hooks, resume=args.resume or None,
+                        executor=args.executor, address=args.address)
     check_sweep(sweep)
     result = sweep.run(log=lambda msg: tqdm_write(msg), progress=not args.no_progress)
     print(format_table(result.configurations))
@@ -126,7 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tokcomp.evaluation import Evaluation, accuracy_table
 
     evaluation = Evaluation(args.experiment, args.data, args.overrides, scoring=args.scoring, limit=args.limit,
-                            resume=args.resume or None, trace=args.trace_hooks)
+                            resume=args.resume or None, trace=args.trace_hooks, executor=args.executor,
+                            address=args.address)
     result = evaluation.run(log=tqdm_write, progress=not args.no_progress)
     print(f"{result.name}: {len(evaluation.samples)} samples of {args.data}, scoring: {args.scoring}")
     print(accuracy_table(result.configurations, result.kinds))
@@ -214,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("experiment", help="experiment YAML file")
     p_run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. input.frames=8 model.dtype=bfloat16")
     p_run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _executor_options(p_run, "each configuration")
+    p_run.add_argument("--no-progress", action="store_true", help="no progress bar (--executor ray)")
+    p_run.add_argument("--resume", action="store_true",
+                       help="--executor ray: take over runs of this run left RUNNING by a process on another host")
     p_run.set_defaults(func=cmd_run)
 
     p_sweep = sub.add_parser("sweep", parents=[common],
@@ -223,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_sweep.add_argument("--resume", action="store_true",
                          help="take over runs of this sweep left RUNNING by a process on another host")
+    _executor_options(p_sweep, "each configuration of each point")
     p_sweep.set_defaults(func=cmd_sweep)
 
     p_eval = sub.add_parser("eval", parents=[common],
@@ -239,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_eval.add_argument("--resume", action="store_true",
                         help="take over runs of this evaluation left RUNNING by a process on another host")
+    _executor_options(p_eval, "each configuration's samples in shards")
     p_eval.set_defaults(func=cmd_eval)
 
     from tokcomp.flops_cli import add_flops_arguments, cmd_flops

@@ -85,6 +85,28 @@ class TrackingConfig:
 
 
 @dataclass
+class RayConfig:
+    """What each task asks of a Ray cluster (``--executor ray``); not part of any run's identity, so a
+    sweep started locally resumes on a cluster and back."""
+
+    num_cpus: float = 1.0  # per task (one worker holds one model); also its torch threads
+    num_gpus: float | None = None  # per task; null: 1 when model.device is cuda, else 0
+    workers: int | None = None  # actors (each builds its model once); null: as many as the cluster fits
+
+
+# sections that say where and how a run is executed or logged, not what it computes
+NOT_IDENTITY = ("tracking", "ray")
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config less what does not change a result (tracking, executor resources)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IDENTITY:
+        data.pop(key, None)
+    return data
+
+
+@dataclass
 class StrategySpec:
     name: str = "???"
     params: dict[str, Any] = field(default_factory=dict)
@@ -109,6 +131,7 @@ class ExperimentConfig:
     configurations: dict[str, ConfigurationSpec] = field(default_factory=dict)
     plugins: list[str] = field(default_factory=list)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def _schema_keys(node: Any) -> list[str] | None:

@@ -32,8 +32,8 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from tokcomp.answering import Answerer, mean_metrics
-from tokcomp.config import flatten, load_experiment, to_yaml
-from tokcomp.errors import ConfigError, InputError
+from tokcomp.config import flatten, identity, load_experiment, to_yaml
+from tokcomp.errors import ConfigError, InputError, TokcompError
 from tokcomp.evaldata import EvalSample, is_correct, load_eval_data, mcq_prompt, parse_option_letter
 from tokcomp.runner import (
     AdapterCache,
@@ -86,9 +86,7 @@ def data_digest(path: str | Path) -> str:
 
 def eval_key(cfg: Any, digest: str, scoring: str, limit: int | None) -> str:
     """Identity of an evaluation: the resolved config (tracking aside), the data file's bytes, the scoring."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("tracking", None)
-    text = json.dumps({"experiment": data, "data": digest, "scoring": scoring, "limit": limit}, sort_keys=True,
+    text = json.dumps({"experiment": identity(cfg), "data": digest, "scoring": scoring, "limit": limit}, sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -103,8 +101,16 @@ class Evaluation:
 
     def __init__(self, experiment_file: str, data: str, overrides: list[str] | None = None,
                  scoring: str = "generate", limit: int | None = None, resume: bool | None = None,
-                 trace: bool | None = None):
+                 trace: bool | None = None, executor: str = "local", address: str | None = None):
+        """``executor="ray"``: each configuration's samples sharded over the workers of the Ray cluster at
+        ``address`` (the data file and its videos must be where every worker can read them)."""
+        from tokcomp.distributed import check_executor
         from tokcomp.preflight import check_experiment_file
+
+        check_executor(executor)
+        self.executor, self.address, self.session = executor, address, None
+        self.spec = {"experiment_file": experiment_file, "data": str(data), "overrides": list(overrides or []),
+                     "scoring": scoring, "limit": limit, "trace": trace}  # what a worker rebuilds this from
 
         if scoring not in SCORINGS:
             raise ConfigError(f"--scoring {scoring!r} is not one of: {', '.join(SCORINGS)}")
@@ -125,7 +131,7 @@ class Evaluation:
         self.key = eval_key(self.cfg, data_digest(self.data), scoring, limit)
         self.resume = resume if resume is not None else os.environ.get(RESUME_ENV, "").lower() in ("1", "true", "yes")
         self.kinds = sorted({s.type for s in self.samples if s.type})
-        self._ledger: dict | None = None
+        self.first_ledger: dict | None = None
 
     # ---- finding earlier attempts ----------------------------------------------------------------
     def _find_parent(self, tracker) -> Any:
@@ -140,45 +146,58 @@ class Evaluation:
         """Evaluate (or resume). Ctrl-C and SIGTERM end the runs in progress and the parent KILLED,
         with every prediction made so far kept."""
         with terminate_cleanly():
-            check_tracking(self.cfg)
-            tracker, uri = open_tracker(self.cfg)
-            found = self._find_parent(tracker)
-            tags = {**machine_tags(self.cfg.model.device), "tokcomp.kind": "evaluation", "tokcomp.eval_key": self.key,
-                    "tokcomp.data_file": str(self.data), "tokcomp.scoring": self.scoring,
-                    "tokcomp.experiment_file": str(self.experiment_file), "model.preset": self.cfg.model.preset}
-            if found is None:
-                parent = tracker.start(self.cfg.name, tags)
-                errors = []
-            else:
-                parent = found.info.run_id
-                claim_parent(tracker, found, self._children(tracker, parent), self.resume, log, "eval")
-                log(f"resuming evaluation {parent} (finished configurations are skipped, the others continue "
-                    f"after their last recorded sample)")
-                errors = []
-            names = self.answerer.configurations()
-            bar = tqdm(total=len(names) * len(self.samples), desc="eval", unit="sample", disable=not progress)
-            results: list[EvalConfigurationResult] = []
+            if self.executor == "ray":  # the server, the cluster and the resources: before the parent run
+                from tokcomp.distributed import RaySession
+
+                self.session = RaySession(self.cfg, self.address, len(self.samples), log)
             try:
-                if found is None:
-                    tracker.log_params(parent, {**flatten(OmegaConf.to_container(self.cfg, resolve=True)),
-                                                "eval.data": str(self.data), "eval.scoring": self.scoring,
-                                                "eval.samples": len(self.samples)})
-                    errors += artifact_errors(tracker.log_text, parent, to_yaml(self.cfg), "experiment.yaml")
-                earlier = {}
-                for run in self._children(tracker, parent):
-                    attempt = run.data.tags.get("tokcomp.config_hash")
-                    if attempt and (attempt not in earlier or run.info.status == "FINISHED"):
-                        earlier[attempt] = run
-                for index, name in enumerate(names):
-                    where = f"[{index + 1}/{len(names)}] {name}"
-                    results.append(self._configuration(tracker, parent, name, earlier.get(config_hash(self.cfg, name)),
-                                                       where, bar, log))
-                error = self._finish_parent(tracker, parent, results, errors, resumed=found is not None)
-            except BaseException as exc:
-                tracker.abandon(parent, end_status(exc), describe_stop(exc))
-                raise
+                return self._run(log, progress)
             finally:
-                bar.close()
+                if self.session is not None:
+                    self.session.close()
+                    self.session = None
+
+    def _run(self, log: Callable[[str], None], progress: bool) -> EvalResult:
+        check_tracking(self.cfg)
+        tracker, uri = open_tracker(self.cfg)
+        found = self._find_parent(tracker)
+        tags = {**machine_tags(self.cfg.model.device), "tokcomp.kind": "evaluation", "tokcomp.eval_key": self.key,
+                "tokcomp.data_file": str(self.data), "tokcomp.scoring": self.scoring,
+                "tokcomp.experiment_file": str(self.experiment_file), "model.preset": self.cfg.model.preset,
+                "tokcomp.executor": self.executor}
+        if found is None:
+            parent = tracker.start(self.cfg.name, tags)
+            errors = []
+        else:
+            parent = found.info.run_id
+            claim_parent(tracker, found, self._children(tracker, parent), self.resume, log, "eval")
+            log(f"resuming evaluation {parent} (finished configurations are skipped, the others continue "
+                f"after their last recorded sample)")
+            errors = []
+        names = self.answerer.configurations()
+        bar = tqdm(total=len(names) * len(self.samples), desc="eval", unit="sample", disable=not progress)
+        results: list[EvalConfigurationResult] = []
+        try:
+            if found is None:
+                tracker.log_params(parent, {**flatten(OmegaConf.to_container(self.cfg, resolve=True)),
+                                            "eval.data": str(self.data), "eval.scoring": self.scoring,
+                                            "eval.samples": len(self.samples)})
+                errors += artifact_errors(tracker.log_text, parent, to_yaml(self.cfg), "experiment.yaml")
+            earlier = {}
+            for run in self._children(tracker, parent):
+                attempt = run.data.tags.get("tokcomp.config_hash")
+                if attempt and (attempt not in earlier or run.info.status == "FINISHED"):
+                    earlier[attempt] = run
+            for index, name in enumerate(names):
+                where = f"[{index + 1}/{len(names)}] {name}"
+                results.append(self._configuration(tracker, parent, name, earlier.get(config_hash(self.cfg, name)),
+                                                   where, bar, log))
+            error = self._finish_parent(tracker, parent, results, errors, resumed=found is not None)
+        except BaseException as exc:
+            tracker.abandon(parent, end_status(exc), describe_stop(exc))
+            raise
+        finally:
+            bar.close()
         return EvalResult(self.cfg.name, parent, uri, results, self.kinds, error)
 
     def _configuration(self, tracker, parent: str, name: str, earlier: Any, where: str, bar: tqdm,
@@ -207,19 +226,22 @@ class Evaluation:
                 "model.preset": self.cfg.model.preset, **machine_tags(self.cfg.model.device)}, parent=parent)
         bar.update(len(records))
         chunk: list[dict] = []
-        self._ledger = None  # the first sample answered in this attempt: its ledger is the run's ledger.json
+        self.first_ledger = None  # the first sample answered in this attempt: its ledger is the run's ledger.json
         try:
             if earlier is None:
                 self._describe(tracker, run_id, name)
             todo = [s for s in self.samples if s.id not in records]
+            if todo and self.session is not None:
+                self._answer_on_ray(tracker, run_id, name, todo, records, part, bar)
+                todo = []
             if todo:
                 self.answerer.build(log)
-                self._warm_up(name, todo[0])
+                self.warm_up(name, todo[0])
             for sample in todo:
-                record = self._answer(name, sample)
+                record = self.answer_sample(name, sample)
                 records[sample.id] = record
                 chunk.append(record)
-                tracker.log_text(run_id, _jsonl(chunk), f"predictions/part-{part:05d}.jsonl")
+                tracker.log_text(run_id, jsonl(chunk), f"predictions/part-{part:05d}.jsonl")
                 if len(chunk) == CHUNK:
                     chunk, part = [], part + 1
                 bar.update(1)
@@ -227,9 +249,9 @@ class Evaluation:
             ordered = [records[s.id] for s in self.samples]
             metrics = self.metrics(ordered)
             tracker.log_metrics(run_id, metrics)
-            tracker.log_text(run_id, _jsonl(ordered), "predictions.jsonl")
-            if self._ledger is not None:
-                tracker.log_json(run_id, self._ledger, "ledger.json")
+            tracker.log_text(run_id, jsonl(ordered), "predictions.jsonl")
+            if self.first_ledger is not None:
+                tracker.log_json(run_id, self.first_ledger, "ledger.json")
             tracker.finish(run_id, "FINISHED")
         except BaseException as exc:
             if isinstance(exc, Exception):
@@ -240,6 +262,42 @@ class Evaluation:
             tracker.abandon(run_id, end_status(exc), describe_stop(exc))
             raise
         return EvalConfigurationResult(name, "FINISHED", run_id, metrics)
+
+    def _answer_on_ray(self, tracker, run_id: str, name: str, todo: list[EvalSample], records: dict[str, dict],
+                       part: int, bar: tqdm) -> None:
+        """``todo`` in shards over the Ray workers, each writing its own predictions part as it goes;
+        their records join ``records``. A shard whose worker died leaves its samples unanswered: the
+        configuration fails, and the same command again continues it from what was written."""
+        from tokcomp.distributed import shard_size
+
+        pool = self.session.pool
+        spec = {**self.spec, "overrides": [*self.spec["overrides"], f"tracking.uri={self.session.uri}"]}
+        size = shard_size(len(todo), pool.size, CHUNK)
+        shards = [(part + i, [s.id for s in todo[start:start + size]])
+                  for i, start in enumerate(range(0, len(todo), size))]
+        lost: list[str] = []
+        workers: set[str] = set()
+
+        def on_result(shard: tuple[int, list[str]], value: dict[str, Any], worker: Any) -> None:
+            for record in value["records"]:
+                records[record["id"]] = record
+            if self.first_ledger is None and value["ledger"] is not None:
+                self.first_ledger = value["ledger"]
+            if not workers:  # where the samples were timed, not where the driver runs
+                tracker.set_tags(run_id, value["machine"])
+            workers.add(value["worker"])
+            bar.update(len(value["records"]))
+            bar.set_postfix_str(f"{name}: {sum(r['correct'] for r in records.values())}/{len(records)} correct")
+
+        def on_error(shard: tuple[int, list[str]], message: str, worker: Any) -> None:
+            lost.append(f"samples {shard[1][0]}..{shard[1][-1]} ({len(shard[1])}): {message}")
+
+        pool.map(shards, lambda handle, shard: handle.evaluate.remote(spec, run_id, name, shard[1], shard[0]),
+                 on_result, on_error)
+        tracker.set_tags(run_id, {"tokcomp.executor": "ray", "tokcomp.workers": ", ".join(sorted(workers))})
+        if lost:  # the parts already written stay: a resume continues after them
+            missing = sum(1 for s in todo if s.id not in records)
+            raise TokcompError(f"{missing} of {len(todo)} samples not answered: " + "; ".join(lost))
 
     def _describe(self, tracker, run_id: str, name: str) -> None:
         from tokcomp.runner import configuration_config
@@ -252,7 +310,7 @@ class Evaluation:
         tracker.log_params(run_id, params)
         tracker.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(resolved)), "config.yaml")
 
-    def _warm_up(self, name: str, sample: EvalSample) -> None:
+    def warm_up(self, name: str, sample: EvalSample) -> None:
         """Untimed passes before the first timed sample, so the first sample's TTFT is not a cold start."""
         if self.cfg.timing.warmup < 1:
             return
@@ -263,7 +321,7 @@ class Evaluation:
         for _ in range(self.cfg.timing.warmup):
             self.answerer.generate(name, video, prompt_for(sample), max_new_tokens=1)
 
-    def _answer(self, name: str, sample: EvalSample) -> dict[str, Any]:
+    def answer_sample(self, name: str, sample: EvalSample) -> dict[str, Any]:
         """One sample's record: what was predicted, whether it is correct, what it cost; or its error."""
         record: dict[str, Any] = {"id": sample.id, "type": sample.type, "answer": sample.answer}
         if sample.options is not None:
@@ -289,8 +347,8 @@ class Evaluation:
                 record["prediction"] = answer.text.strip()
                 record["correct"] = is_correct(sample, answer.text)
             efficiency = answer.efficiency()
-            if self._ledger is None:
-                self._ledger = answer.ledger.to_dict()
+            if self.first_ledger is None:
+                self.first_ledger = answer.ledger.to_dict()
             record.update({key: efficiency.get(key) for key in EFFICIENCY_KEYS})
             record["failed"] = False
         except Exception as exc:  # recorded, and the evaluation goes on
@@ -318,7 +376,7 @@ class Evaluation:
                             accuracy_table(results, self.kinds), {"tokcomp.resumed": str(resumed).lower()})
 
 
-def _jsonl(records: list[dict]) -> str:
+def jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, default=str) + "\n" for r in records)
 
 

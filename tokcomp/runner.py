@@ -22,14 +22,14 @@ import json
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tokcomp.config import TimingOrder, flatten, to_yaml
+from tokcomp.config import TimingOrder, flatten, identity, to_yaml
 from tokcomp.errors import ConfigError, TokcompError
 from tokcomp.fidelity import fidelity_metrics
 from tokcomp.flops import count_all
@@ -163,10 +163,10 @@ def check_strategies(built: dict[str, list[Strategy]], info: Any, only: str | No
 
 def configuration_config(cfg: DictConfig, conf_name: str) -> dict[str, Any]:
     """The resolved config of one configuration: what a run of it depends on (no tracking, no names)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+    data = identity(cfg)
     conf = data["configurations"].get(conf_name) or {"description": "no compression", "strategies": []}
     data["configurations"] = {conf_name: conf}
-    for key in ("tracking", "name", "baseline"):
+    for key in ("name", "baseline"):
         data.pop(key, None)
     return data
 
@@ -174,9 +174,7 @@ def configuration_config(cfg: DictConfig, conf_name: str) -> dict[str, Any]:
 def config_hash(cfg: DictConfig, conf_name: str) -> str:
     """Identity of one configuration's run within its resolved experiment (a sweep point):
     the whole resolved config counts, so each point keeps its own baseline and comparisons."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("tracking", None)
-    text = json.dumps({"experiment": data, "configuration": conf_name}, sort_keys=True, default=str)
+    text = json.dumps({"experiment": identity(cfg), "configuration": conf_name}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -341,13 +339,16 @@ class ExperimentRunner:
     def run_configurations(self, tracker, parent: str, tags: dict[str, str], point: str = "",
                            finished: dict[str, Any] | None = None, log: Callable[[str], None] = print,
                            on_done: Callable[[], None] | None = None,
-                           baselines: dict[str, SharedBaseline] | None = None) -> list[ConfigurationResult]:
+                           baselines: dict[str, SharedBaseline] | None = None,
+                           only: Collection[str] | None = None) -> list[ConfigurationResult]:
         """Run every configuration as a child of ``parent``, timed in ``timing.order``.
 
         ``finished`` maps config hashes to loaders of an earlier attempt's FINISHED results, which are
         reused instead of run again. ``baselines`` (a sweep's, shared by its points) maps baseline keys
         to baseline runs: an identical baseline is not run again but recorded as a run that reuses that
-        one, and a baseline run here is added for the points after this one.
+        one, and a baseline run here is added for the points after this one. ``only``: run just these
+        configurations (a distributed task); a baseline left out is still the reference of the others,
+        through ``finished`` or ``baselines``, where an earlier task recorded it.
         """
         done = on_done or (lambda: None)
         results: list[ConfigurationResult | None] = []
@@ -358,6 +359,13 @@ class ExperimentRunner:
             key, is_baseline = config_hash(self.cfg, conf_name), conf_name == baseline_name
             where = f"[{index + 1}/{len(self.strategies)}] {conf_name} {point}".rstrip()
             shared = baselines.get(baseline_key(self.cfg, conf_name)) if is_baseline and baselines else None
+            if only is not None and conf_name not in only:
+                if is_baseline and finished is not None and key in finished:
+                    reference = functools.cache(lambda loader=finished[key]: loader(True))
+                elif is_baseline and shared is not None:
+                    reference = functools.cache(shared.load)
+                results.append(None)
+                continue
             if finished is not None and key in finished:
                 result = finished[key](False)
                 result.status, result.point = "SKIPPED", point
@@ -426,7 +434,7 @@ class ExperimentRunner:
         return run_pipeline(self.adapter, self.video, self.cfg.input.prompt, stack, forced_ids=forced_ids,
                             **self.generation)
 
-    def _start_run(self, tracker, parent: str, tags: dict[str, str], conf_name: str, strategies: list[Strategy],
+    def start_run(self, tracker, parent: str, tags: dict[str, str], conf_name: str, strategies: list[Strategy],
                    key: str, point: str, is_baseline: bool, extra: dict[str, str] | None = None) -> str:
         label = f"{conf_name} [{point}]" if point else conf_name
         run_tags = {
@@ -448,7 +456,7 @@ class ExperimentRunner:
 
     def _open(self, tracker, parent: str, tags: dict[str, str], p: _Pending, point: str, warmup: int) -> None:
         """Start the configuration's run (params, config.yaml), build its stack, warm it up."""
-        p.run_id, p.opened = self._start_run(tracker, parent, tags, p.name, p.strategies, p.key, point,
+        p.run_id, p.opened = self.start_run(tracker, parent, tags, p.name, p.strategies, p.key, point,
                                              p.is_baseline), True
         try:
             self._describe_run(tracker, p.run_id, p.name, p.strategies)
@@ -517,7 +525,7 @@ class ExperimentRunner:
                         shared: SharedBaseline) -> ConfigurationResult:
         """This point's baseline is identical to one an earlier point ran: no pass of its own, a run that
         records the reuse (tag ``tokcomp.reuses_run``) with the source's metrics, ledger and output."""
-        run_id = self._start_run(tracker, parent, tags, conf_name, [], key, point, True,
+        run_id = self.start_run(tracker, parent, tags, conf_name, [], key, point, True,
                                  {"tokcomp.reuses_run": shared.run_id})
         try:
             self._describe_run(tracker, run_id, conf_name, [])

@@ -32,7 +32,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from tokcomp.config import flatten, load_experiment
+from tokcomp.config import flatten, identity, load_experiment
 from tokcomp.errors import ConfigError, TokcompError
 from tokcomp.runner import (
     AdapterCache,
@@ -114,21 +114,30 @@ def short_labels(points: list[list[str]]) -> list[str]:
     return [" ".join(f"{s}={item.split('=', 1)[1]}" for s, item in zip(short, point, strict=True)) for point in points]
 
 
-def sweep_key(cfg_yaml: str, points: list[list[str]]) -> str:
-    text = json.dumps({"base": cfg_yaml, "points": points}, sort_keys=True)
+def sweep_key(base: dict[str, Any], points: list[list[str]]) -> str:
+    """Identity of a sweep: its resolved base config (less tracking and executor) and its grid."""
+    text = json.dumps({"base": base, "points": points}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class SweepRunner:
     def __init__(self, experiment_file: str, overrides: list[str], trace: bool | None = None,
-                 resume: bool | None = None):
+                 resume: bool | None = None, executor: str = "local", address: str | None = None,
+                 grid: bool = True):
+        """``executor``: ``local`` (this process) or ``ray`` (tasks on the Ray cluster at ``address``);
+        ``grid=False``: the overrides are all fixed (``tokcomp run`` on Ray: one point, resumable)."""
+        from tokcomp.distributed import check_executor
+
+        check_executor(executor)
+        self.executor, self.address = executor, address
         self.experiment_file = experiment_file
-        self.fixed, self.points = expand_grid(overrides)
+        self.fixed, self.points = expand_grid(overrides) if grid else (list(overrides), [[]])
+        self.kind = "sweep" if grid else "experiment"
         self.base = load_experiment(experiment_file, self.fixed)
         for point in self.points:  # every key must exist, before anything runs
             load_experiment(experiment_file, [*self.fixed, *point])
         self.trace = trace
-        self.key = sweep_key(OmegaConf.to_yaml(self.base), self.points)
+        self.key = sweep_key(identity(self.base), self.points)
         # explicit resume: also take over runs whose process cannot be checked from here (another host)
         self.resume = resume if resume is not None else os.environ.get(RESUME_ENV, "").lower() in ("1", "true", "yes")
 
@@ -140,80 +149,64 @@ class SweepRunner:
         return child_runs(tracker, parent)
 
     def _claim(self, tracker, parent: Any, log: Callable[[str], None]) -> None:
-        claim_parent(tracker, parent, self._children(tracker, parent.info.run_id), self.resume, log, "sweep")
-
-    def _finished_children(self, tracker, runs: list[Any]) -> dict[str, Callable[[bool], ConfigurationResult]]:
-        """config hash -> loader of the earlier FINISHED result (``loader(True)`` also reads its outputs)."""
-        done = {}
-        for run in runs:
-            if run.info.status == "FINISHED" and "tokcomp.config_hash" in run.data.tags:
-                done[run.data.tags["tokcomp.config_hash"]] = partial(self._load_result, tracker, run)
-        return done
-
-    def _shared_baselines(self, tracker, runs: list[Any]) -> dict[str, SharedBaseline]:
-        """Baseline key -> the FINISHED baseline run (not itself a reuse) later points can reuse."""
-        shared = {}
-        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-            tags = run.data.tags
-            if run.info.status == "FINISHED" and tags.get("tokcomp.baseline_key") and not tags.get("tokcomp.reuses_run"):
-                load = functools.cache(partial(self._load_result, tracker, run, True))
-                shared.setdefault(tags["tokcomp.baseline_key"], SharedBaseline(run.info.run_id, load))
-        return shared
-
-    @staticmethod
-    def _load_result(tracker, run: Any, outputs: bool) -> ConfigurationResult:
-        tags = run.data.tags
-        result = ConfigurationResult(tags["tokcomp.configuration"], "FINISHED", run.info.run_id, dict(run.data.metrics),
-                                     reuses=tags.get("tokcomp.reuses_run", ""))
-        if outputs:  # a baseline the remaining runs are compared with: its outputs are the source run's
-            source = result.reuses or run.info.run_id
-            generation = tracker.load_json(source, "generation.json")
-            result.text, result.new_ids = generation["text"], generation["new_ids"]
-            result.prefill_logits = tracker.load_tensor(source, "prefill_logits.pt")
-            try:
-                result.ledger = tracker.load_json(source, "ledger.json")
-            except TrackingError:
-                result.ledger = {}
-        return result
+        claim_parent(tracker, parent, self._children(tracker, parent.info.run_id), self.resume, log,
+                     "sweep" if self.kind == "sweep" else "run")
 
     def run(self, log: Callable[[str], None] = print, progress: bool = True) -> ExperimentResult:
         """Run (or resume) the sweep. Ctrl-C and SIGTERM end the runs in progress and the parent KILLED."""
         with terminate_cleanly():
-            check_tracking(self.base)  # a store or artifact root that cannot be written: before any model
-            tracker, uri = open_tracker(self.base)
-            found = self._find_parent(tracker)
-            resumed, errors = found is not None, []
-            if found is None:
-                parent = tracker.start(self.base.name, {**machine_tags(self.base.model.device),
-                                                        "tokcomp.kind": "sweep", "tokcomp.sweep_key": self.key,
-                                                        "tokcomp.experiment_file": str(self.experiment_file)})
-            else:
-                parent = found.info.run_id
-                self._claim(tracker, found, log)
-                log(f"resuming sweep {parent} (finished configurations are skipped)")
-            adapters = AdapterCache()
             total = sum(len(ExperimentRunner(load_experiment(self.experiment_file, [*self.fixed, *p])).strategies)
                         for p in self.points) if self.points else 0
-            bar = tqdm(total=total, desc="sweep", disable=not progress, unit="run")
-            results: list[ConfigurationResult] = []
+            session = None
+            if self.executor == "ray":  # the server, the cluster and the resources: before the parent run
+                from tokcomp.distributed import RaySession
+
+                session = RaySession(self.base, self.address, total, log)
             try:
-                if not resumed:
-                    tracker.log_params(parent, flatten(OmegaConf.to_container(self.base, resolve=True)))
-                    errors += artifact_errors(tracker.log_json, parent, {"fixed": self.fixed, "points": self.points},
-                                              "sweep.json")
+                return self._run(session, total, log, progress)
+            finally:
+                if session is not None:
+                    session.close()
+
+    def _run(self, session: Any, total: int, log: Callable[[str], None], progress: bool) -> ExperimentResult:
+        check_tracking(self.base)  # a store or artifact root that cannot be written: before any model
+        tracker, uri = open_tracker(self.base)
+        found = self._find_parent(tracker)
+        resumed, errors = found is not None, []
+        if found is None:
+            tags = {**machine_tags(self.base.model.device), "tokcomp.kind": self.kind, "tokcomp.sweep_key": self.key,
+                    "tokcomp.experiment_file": str(self.experiment_file), "tokcomp.executor": self.executor}
+            parent = tracker.start(self.base.name, tags)
+        else:
+            parent = found.info.run_id
+            self._claim(tracker, found, log)
+            log(f"resuming {self.kind} {parent} (finished configurations are skipped)")
+        bar = tqdm(total=total, desc=self.kind, disable=not progress, unit="run")
+        results: list[ConfigurationResult] = []
+        try:
+            if not resumed:
+                tracker.log_params(parent, flatten(OmegaConf.to_container(self.base, resolve=True)))
+                errors += artifact_errors(tracker.log_json, parent, {"fixed": self.fixed, "points": self.points},
+                                          "sweep.json")
+            if session is not None:
+                from tokcomp.distributed import run_sweep_on_ray
+
+                results = run_sweep_on_ray(self, session, tracker, parent, bar, log)
+            else:
+                adapters = AdapterCache()
                 children = self._children(tracker, parent) if isinstance(tracker, Tracker) else []
-                baselines = self._shared_baselines(tracker, children)
+                baselines = shared_baselines(tracker, children)
                 for point, label in zip(self.points, short_labels(self.points), strict=True):
-                    finished = self._finished_children(tracker, self._children(tracker, parent)) \
+                    finished = finished_children(tracker, self._children(tracker, parent)) \
                         if isinstance(tracker, Tracker) else {}
                     results.extend(self._run_point(tracker, parent, point, label, finished, baselines, adapters, bar,
                                                    log))
-                error = finish_parent(tracker, parent, results, errors, {"tokcomp.resumed": str(resumed).lower()})
-            except BaseException as exc:
-                tracker.abandon(parent, end_status(exc), describe_stop(exc))
-                raise
-            finally:
-                bar.close()
+            error = finish_parent(tracker, parent, results, errors, {"tokcomp.resumed": str(resumed).lower()})
+        except BaseException as exc:
+            tracker.abandon(parent, end_status(exc), describe_stop(exc))
+            raise
+        finally:
+            bar.close()
         return ExperimentResult(self.base.name, parent, uri, results, error)
 
     def _run_point(self, tracker, parent, point, label, finished, baselines, adapters, bar,
@@ -229,13 +222,8 @@ class SweepRunner:
                                                  on_done=lambda: bar.update(1), baselines=baselines)
             runner.prepare(log)
         except TokcompError as exc:  # this combination is invalid: record it, go on with the others
-            run_id = tracker.start(f"[{label}]", {"tokcomp.kind": "configuration", "tokcomp.configuration": "(point)",
-                                                  "tokcomp.label": f"[{label}]", "tokcomp.sweep_point": label},
-                                   parent=parent)
-            tracker.fail(run_id, str(exc), traceback.format_exc())
-            log(f"point [{label}] failed: {exc}")
             bar.update(1)
-            return [ConfigurationResult("(point)", "FAILED", run_id, error=str(exc), point=label)]
+            return [record_bad_point(tracker, parent, label, exc, log)]
         tags = {**runner.base_tags(), "tokcomp.sweep_overrides": " ".join(point)}
         return runner.run_configurations(tracker, parent, tags, point=label, finished=finished,
                                          log=lambda _: None, on_done=lambda: bar.update(1), baselines=baselines)
@@ -289,3 +277,58 @@ def latest_run_tagged(tracker, tags: dict[str, str]) -> Any:
     runs = tracker.client.search_runs([tracker.experiment_id], where, order_by=["attributes.start_time DESC"],
                                       max_results=1)
     return runs[0] if runs else None
+
+
+Loader = Callable[[bool], ConfigurationResult]
+
+
+def _as_is(run_id: str, loader: Loader) -> Loader:
+    return loader
+
+
+def finished_children(tracker, runs: list[Any], wrap: Callable[[str, Loader], Loader] = _as_is) -> dict[str, Loader]:
+    """config hash -> loader of the earlier FINISHED result (``loader(True)`` also reads its outputs);
+    ``wrap(run_id, loader)``: a cache in front of each (a Ray worker keeps what it read)."""
+    done = {}
+    for run in runs:
+        if run.info.status == "FINISHED" and "tokcomp.config_hash" in run.data.tags:
+            done[run.data.tags["tokcomp.config_hash"]] = wrap(run.info.run_id, partial(load_result, tracker, run))
+    return done
+
+
+def shared_baselines(tracker, runs: list[Any], wrap: Callable[[str, Loader], Loader] = _as_is) -> dict[str, SharedBaseline]:
+    """Baseline key -> the FINISHED baseline run (not itself a reuse) later points can reuse."""
+    shared = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        tags = run.data.tags
+        if run.info.status == "FINISHED" and tags.get("tokcomp.baseline_key") and not tags.get("tokcomp.reuses_run"):
+            load = functools.cache(partial(wrap(run.info.run_id, partial(load_result, tracker, run)), True))
+            shared.setdefault(tags["tokcomp.baseline_key"], SharedBaseline(run.info.run_id, load))
+    return shared
+
+
+def load_result(tracker, run: Any, outputs: bool) -> ConfigurationResult:
+    """A recorded configuration run as a result; with ``outputs``, also what comparisons need of it."""
+    tags = run.data.tags
+    result = ConfigurationResult(tags["tokcomp.configuration"], "FINISHED", run.info.run_id, dict(run.data.metrics),
+                                 reuses=tags.get("tokcomp.reuses_run", ""))
+    if outputs:  # a baseline the remaining runs are compared with: its outputs are the source run's
+        source = result.reuses or run.info.run_id
+        generation = tracker.load_json(source, "generation.json")
+        result.text, result.new_ids = generation["text"], generation["new_ids"]
+        result.prefill_logits = tracker.load_tensor(source, "prefill_logits.pt")
+        try:
+            result.ledger = tracker.load_json(source, "ledger.json")
+        except TrackingError:
+            result.ledger = {}
+    return result
+
+
+def record_bad_point(tracker, parent: str, label: str, exc: TokcompError,
+                     log: Callable[[str], None]) -> ConfigurationResult:
+    """A grid point whose configurations cannot be set up: one FAILED run says why; the sweep goes on."""
+    run_id = tracker.start(f"[{label}]", {"tokcomp.kind": "configuration", "tokcomp.configuration": "(point)",
+                                          "tokcomp.label": f"[{label}]", "tokcomp.sweep_point": label}, parent=parent)
+    tracker.fail(run_id, str(exc), traceback.format_exc())
+    log(f"point [{label}] failed: {exc}")
+    return ConfigurationResult("(point)", "FAILED", run_id, error=str(exc), point=label)

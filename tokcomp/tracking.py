@@ -341,6 +341,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # our own bar is enough
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links: on stdout
         self.uri = uri
         self.client = open_client(uri)
         with store_lock(uri):  # two new runs must not both create the experiment
