@@ -87,13 +87,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner = ExperimentRunner(cfg, trace=args.trace_hooks, experiment_file=args.experiment)
         result = runner.run(log=lambda msg: print(msg, file=sys.stderr))
     print(format_table(result.configurations))
+    uri = result.tracking_uri or ""
+    browse = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    return _ending(result, f"parent run {result.parent_run_id} in experiment {cfg.tracking.experiment or cfg.name!r} "
+                           f"at {uri}  (browse: {browse})", "errors logged to their MLflow runs")
+
+
+def _ending(result, tracked: str, failed_hint: str) -> int:
+    """The last lines of run, sweep and eval: where the runs are, what failed (exit 1)."""
     if result.tracking_uri:
-        browse = result.tracking_uri if result.tracking_uri.startswith(("http://", "https://")) else \
-            f"mlflow ui --backend-store-uri {result.tracking_uri}"
-        print(f"\nMLflow: parent run {result.parent_run_id} in experiment {cfg.tracking.experiment or cfg.name!r} "
-              f"at {result.tracking_uri}  (browse: {browse})")
+        print(f"\nMLflow: {tracked}")
     if result.failed:
-        print(f"failed configurations: {', '.join(result.failed)} (errors logged to their MLflow runs)", file=sys.stderr)
+        print(f"failed: {', '.join(result.failed)} ({failed_hint})", file=sys.stderr)
         return 1
     return 0
 
@@ -109,12 +114,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_sweep(sweep)
     result = sweep.run(log=lambda msg: tqdm_write(msg), progress=not args.no_progress)
     print(format_table(result.configurations))
-    if result.tracking_uri:
-        print(f"\nMLflow: sweep parent run {result.parent_run_id} at {result.tracking_uri}")
-    if result.failed:
-        print(f"failed: {', '.join(result.failed)} (run the same command again to retry them)", file=sys.stderr)
-        return 1
-    return 0
+    return _ending(result, f"sweep parent run {result.parent_run_id} at {result.tracking_uri}",
+                   "run the same command again to retry them")
 
 
 def check_sweep(sweep) -> None:
@@ -151,14 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(accuracy_table(result.configurations, result.kinds))
     print("accuracy: % of all samples (a failed sample counts as wrong); retained, LLM visual, TTFT, FLOPs: "
           "per-sample means")
-    if result.tracking_uri:
-        print(f"\nMLflow: evaluation parent run {result.parent_run_id} at {result.tracking_uri} (per-sample "
-              f"predictions: predictions.jsonl of each configuration's run; report: tokcomp compare "
-              f"{result.parent_run_id} --tracking-uri {result.tracking_uri})")
-    if result.failed:
-        print(f"failed: {', '.join(result.failed)} (run the same command again to retry them)", file=sys.stderr)
-        return 1
-    return 0
+    return _ending(result, f"evaluation parent run {result.parent_run_id} at {result.tracking_uri} (per-sample "
+                           f"predictions: predictions.jsonl of each configuration's run; report: tokcomp compare "
+                           f"{result.parent_run_id} --tracking-uri {result.tracking_uri})",
+                   "run the same command again to retry them")
 
 
 def cmd_train_tiny(args: argparse.Namespace) -> int:

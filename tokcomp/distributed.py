@@ -158,6 +158,7 @@ class Worker:
 
         torch.set_num_threads(max(1, threads))  # its share of the node, as a local run would have it
         self.adapters = AdapterCache()
+        self.trackers: dict[tuple[str, str], Any] = {}
         self.references: dict[str, Any] = {}  # baseline run id -> its outputs: read from the server once
         self.evaluation: Any = None
         self.evaluation_key = ""
@@ -177,11 +178,10 @@ class Worker:
             ExperimentRunner,
             baseline_key,
             config_hash,
-            open_tracker,
         )
         from tokcomp.sweep import child_runs, finished_children, shared_baselines
 
-        tracker, _ = open_tracker(cfg)
+        tracker = self._tracker(cfg)
         runs = child_runs(tracker, parent)
         finished = finished_children(tracker, runs, self._remembered)
         baselines = shared_baselines(tracker, runs, self._remembered)
@@ -208,6 +208,15 @@ class Worker:
             result.prefill_logits = None  # read back from the server by whoever needs it
         return results
 
+    def _tracker(self, cfg: Any) -> Any:
+        """One client per tracking server and experiment, kept from task to task."""
+        from tokcomp.runner import open_tracker
+
+        key = (cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
+        if key not in self.trackers:
+            self.trackers[key] = open_tracker(cfg)[0]
+        return self.trackers[key]
+
     def _keep(self, run_id: str, result: Any) -> None:
         self.references[run_id] = result
         while len(self.references) > 8:  # the latest baselines are the ones the next tasks need
@@ -229,13 +238,12 @@ class Worker:
         import json
 
         from tokcomp.evaluation import Evaluation, jsonl
-        from tokcomp.runner import open_tracker
 
         key = json.dumps(spec, sort_keys=True)
         if key != self.evaluation_key:
             self.evaluation, self.evaluation_key, self.warm = Evaluation(**spec), key, set()
         evaluation = self.evaluation
-        tracker, _ = open_tracker(evaluation.cfg)
+        tracker = self._tracker(evaluation.cfg)
         by_id = {s.id: s for s in evaluation.samples}
         samples = [by_id[i] for i in ids]
         evaluation.answerer.build(lambda _: None)

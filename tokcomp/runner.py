@@ -244,11 +244,32 @@ def run_metrics(outs: list[Any], peak_mb: float) -> dict[str, float]:
 
 
 class AdapterCache:
-    """Keeps the last built model, so sweep points on the same model do not rebuild it."""
+    """Keeps the last built model, so sweep points on the same model do not rebuild it, and the last
+    input read and preprocessed for it (a Ray worker runs one configuration a task, many on one video)."""
 
     def __init__(self) -> None:
         self._key: str | None = None
         self._adapter: Any = None
+        self._frames_key: str | None = None
+        self._frames: Any = None
+        self._video_key: str | None = None
+        self._video: Any = None
+
+    def frames(self, input_cfg: DictConfig) -> Any:
+        """The frames ``input_cfg`` names (read or generated), once per input."""
+        key = json.dumps(OmegaConf.to_container(input_cfg, resolve=True), sort_keys=True)
+        if key != self._frames_key:
+            self._frames, self._frames_key = load_frames(input_cfg), key
+        return self._frames
+
+    def video(self, adapter: Any, input_cfg: DictConfig) -> Any:
+        """The cached model's ``VideoInput`` of those frames, preprocessed once per model and input."""
+        frames = self.frames(input_cfg)
+        key = json.dumps([self._key, self._frames_key])
+        if key != self._video_key:
+            fps = sampled_fps(input_cfg.video, input_cfg.frames) if input_cfg.video else None
+            self._video, self._video_key = adapter.preprocess(frames, fps=fps), key
+        return self._video
 
     def get(self, preset: Any, model_cfg: DictConfig, log: Callable[[str], None]) -> Any:
         key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
@@ -294,13 +315,13 @@ class ExperimentRunner:
                 f"generation: need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens, got "
                 f"max_new_tokens={g.max_new_tokens}, min_new_tokens={g.min_new_tokens}"
             )
-        frames = load_frames(cfg.input)
+        frames = self.adapters.frames(cfg.input)
         if self.preset.describe is not None:  # the config and the preset's geometry alone, before any weights
             description = self.preset.describe(cfg.model)
             geometry = description.video(*frames.shape[:3])  # e.g. too few frames for a temporal patch
             self._check_strategies(description.info.for_video(geometry.grid, geometry.llm_grid))
         adapter = self.adapters.get(self.preset, cfg.model, log)
-        video = adapter.preprocess(frames, fps=sampled_fps(cfg.input.video, cfg.input.frames) if cfg.input.video else None)
+        video = self.adapters.video(adapter, cfg.input)
         self.info = adapter.info.for_video(video.grid, video.llm_grid)
         self._check_strategies(self.info)
         self.adapter, self.video = adapter, video  # warm-up passes: run_configurations, by timing.order
