@@ -158,7 +158,7 @@ def main() -> None:
                               ("ray, 2 workers of 1 CPU", "ray2", "start2")):
         work = med[key] - med[start]
         print(f"{label:<34} {med[key]:>8.1f} {spread[key]:>11} {med[start]:>10.1f} {work / runs:>9.3f} "
-              f"x{med['local'] / work:>8.2f}")
+              f"{'x' + format(med['local'] / work, '.2f'):>9}")
     print(f"ray.init: {init_s:.1f} s (excluded above); Ray overhead per configuration (1 worker against local, "
           f"start-up excluded): {overhead * 1000:.0f} ms median ({min(overheads) * 1000:.0f} to "
           f"{max(overheads) * 1000:.0f} ms over the rounds)")
