@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import traceback
 import urllib.error
 import urllib.request
@@ -37,6 +39,7 @@ from tokcomp.tracking import DEFAULT_TRACKING_URI, TrackingError
 
 EXECUTORS = ("local", "ray")
 CONNECT_TIMEOUT_S = 5.0
+WAIT_S = 0.2  # longest blocking wait on the cluster: how late a Ctrl-C or SIGTERM can be handled
 
 
 class ClusterError(TokcompError):
@@ -98,11 +101,15 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():  # this process already joined a cluster (a test session, a notebook)
         return False
     options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    ours = signal.getsignal(signal.SIGTERM)  # ray.init installs its own: a SIGTERM must still end runs KILLED
     try:
         ray.init(address=address or None, **options)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
         raise ClusterError(f"cannot connect to the Ray cluster at {where}: {_reason(exc)}") from exc
+    finally:
+        if threading.current_thread() is threading.main_thread() and ours is not None:
+            signal.signal(signal.SIGTERM, ours)
     return True
 
 
@@ -264,6 +271,18 @@ class Worker:
                 "machine": machine_tags(str(evaluation.answerer.adapter.device))}
 
 
+def _interruptible(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A blocking Ray call that lets Ctrl-C and SIGTERM through as themselves: raised by our signal
+    handler inside Ray's compiled wait, they come out as a ``SystemError`` that hides them."""
+    try:
+        return call(*args, **kwargs)
+    except SystemError as exc:
+        inner = exc.__context__ or exc.__cause__
+        if isinstance(inner, BaseException) and not isinstance(inner, Exception):
+            raise inner from None
+        raise
+
+
 class WorkerPool:
     """Ray actors asking ``resources`` each; ``map`` keeps every one busy with the next task."""
 
@@ -302,11 +321,12 @@ class WorkerPool:
             while queue and idle:
                 worker, task = idle.pop(0), queue.popleft()
                 running[submit(worker.handle, task)] = (task, worker)
-            ready, _ = ray.wait(list(running), num_returns=1)
+            # in short waits: a signal is only handled between them (Ctrl-C, SIGTERM stop the command now)
+            ready, _ = _interruptible(ray.wait, list(running), num_returns=1, timeout=WAIT_S)
             for ref in ready:
                 task, worker = running.pop(ref)
                 try:
-                    value = ray.get(ref)
+                    value = _interruptible(ray.get, ref)
                 except RayActorError as exc:
                     self.gone.append(worker)
                     self.workers.remove(worker)
