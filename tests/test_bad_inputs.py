@@ -133,6 +133,13 @@ CASES = [
      "'nope'"),
     ("sweep-every-point-bad", ["sweep", "exp.yaml", "model.device=gpu9,gpu8"], "'gpu9'"),
     ("sweep-bad-tracking", ["sweep", "exp.yaml", "input.frames=2,4", "tracking.uri=foo://bar"], "'foo'"),
+    # --- --executor ray: refused before connecting to anything -----------------------------------------------
+    ("ray-unknown-executor", ["sweep", "exp.yaml", "input.frames=2,4", "--executor", "dask"], "'dask'"),
+    ("ray-zero-cpus", ["sweep", "exp.yaml", "input.frames=2,4", "ray.num_cpus=0", "--executor", "ray"],
+     "ray.num_cpus=0"),
+    ("ray-local-store", ["run", "exp.yaml", "--executor", "ray"], "needs an MLflow tracking server"),
+    ("ray-eval-zero-workers", ["eval", "exp.yaml", "--data", "free.jsonl", "ray.workers=0", "--executor", "ray"],
+     "ray.workers=0"),
     # --- compare -----------------------------------------------------------------------------------------------
     ("compare-no-store", ["compare"], "no MLflow store at sqlite:///results/mlflow.db"),
     ("compare-missing-yaml", ["compare", "missing.yaml"], "'missing.yaml' does not exist"),
