@@ -120,40 +120,63 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def run_cuda(args) -> None:
-    if not kernels.triton_available():
-        print("CUDA is available but Triton has no active driver: nothing to compare.")
-        return
+def measure_cuda(warmup: int, repeats: int, flush_l2: bool = True) -> dict:
+    """Every case checked (kernel vs reference) and timed; {"device", "copy_GBps", "cases": [...]}, times in us."""
     props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
     bw = copy_bandwidth_gbs()
-    print(f"measured copy bandwidth: {bw:.0f} GB/s (floor column = min bytes / this)")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if not args.no_flush else None
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
     rows = []
     for case in cases(torch.device("cuda")):
         kernel, ref = _fn(case, "triton"), _fn(case, "torch")
         status = check(case, kernel(), ref())
-        t_ref = time_cuda(ref, args.warmup, args.repeats, flush)
-        t_ker = time_cuda(kernel, args.warmup, args.repeats, flush)
-        rows.append([
-            case.name, f"{t_ref * 1e3:.1f}", f"{t_ker * 1e3:.1f}", f"x{t_ref / t_ker:.2f}",
-            f"{case.min_bytes / 1e6:.3g}", f"{case.min_bytes / bw / 1e3:.2f}", f"{case.min_bytes / t_ker / 1e6:.0f}", status,
-        ])  # fmt: skip
+        t_ref = time_cuda(ref, warmup, repeats, flush)
+        t_ker = time_cuda(kernel, warmup, repeats, flush)
+        rows.append({"case": case.name, "torch_us": t_ref * 1e3, "triton_us": t_ker * 1e3, "speedup": t_ref / t_ker,
+                     "min_MB": case.min_bytes / 1e6, "floor_us": case.min_bytes / bw / 1e3,
+                     "triton_GBps": case.min_bytes / t_ker / 1e6, "check": status})
+    return {"device": f"{props.name}, {props.multi_processor_count} SMs", "copy_GBps": bw, "warmup": warmup,
+            "repeats": repeats, "l2_flushed": flush_l2, "cases": rows}
+
+
+def cuda_table(result: dict) -> str:
+    rows = [[r["case"], f"{r['torch_us']:.1f}", f"{r['triton_us']:.1f}", f"x{r['speedup']:.2f}", f"{r['min_MB']:.3g}",
+             f"{r['floor_us']:.2f}", f"{r['triton_GBps']:.0f}", r["check"]] for r in result["cases"]]
+    return table(["case", "torch us", "triton us", "speedup", "min MB", "floor us", "triton GB/s", "check"], rows)
+
+
+def run_cuda(args) -> None:
+    if not kernels.triton_available():
+        print("CUDA is available but Triton has no active driver: nothing to compare.")
+        return
+    result = measure_cuda(args.warmup, args.repeats, not args.no_flush)
+    print(f"device: {result['device']}, torch {torch.__version__}")
+    print(f"measured copy bandwidth: {result['copy_GBps']:.0f} GB/s (floor column = min bytes / this)")
     print(f"\nmedian of {args.repeats} calls after {args.warmup} warm-up, L2 flushed between calls: {not args.no_flush}")
     print("(whole public function: window_argmax includes its host sync for max(windows), scatter_mean its sort)")
-    print(table(["case", "torch us", "triton us", "speedup", "min MB", "floor us", "triton GB/s", "check"], rows))
+    print(cuda_table(result))
+
+
+def measure_cpu(warmup: int, repeats: int) -> dict:
+    """The torch reference (the CPU production path) per case, host clock; times in ms."""
+    rows = []
+    for case in cases(torch.device("cpu")):
+        assert kernels.select_backend(*case.args) == "torch"
+        ms = time_host(_fn(case, "torch"), warmup, repeats)
+        rows.append({"case": case.name, "torch_ms": ms, "min_MB": case.min_bytes / 1e6, "GBps": case.min_bytes / ms / 1e6})
+    return {"device": "cpu", "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "cases": rows}
+
+
+def cpu_table(result: dict) -> str:
+    rows = [[r["case"], f"{r['torch_ms']:.2f}", f"{r['min_MB']:.3g}", f"{r['GBps']:.2g}"] for r in result["cases"]]
+    return table(["case", "torch ms", "min MB", "GB/s"], rows)
 
 
 def run_cpu(args) -> None:
     print("no CUDA GPU: the Triton kernels cannot be timed here (only checked, under TRITON_INTERPRET=1, by the")
     print(f"tests). Timing the torch reference, the CPU production path, with {torch.get_num_threads()} threads.")
-    rows = []
-    for case in cases(torch.device("cpu")):
-        assert kernels.select_backend(*case.args) == "torch"
-        ms = time_host(_fn(case, "torch"), args.cpu_warmup, args.cpu_repeats)
-        rows.append([case.name, f"{ms:.2f}", f"{case.min_bytes / 1e6:.3g}", f"{case.min_bytes / ms / 1e6:.2g}"])
+    result = measure_cpu(args.cpu_warmup, args.cpu_repeats)
     print(f"\nmedian of {args.cpu_repeats} calls after {args.cpu_warmup} warm-up (host clock)")
-    print(table(["case", "torch ms", "min MB", "GB/s"], rows))
+    print(cpu_table(result))
 
 
 def run_compile_report() -> None:

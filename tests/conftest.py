@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,10 +12,15 @@ from tokcomp.plugins import Plugins
 from tokcomp.video import generate_video, uniform_frame_indices
 
 PROMPT = "What happens in the video?"
+# Where the tiny models are built: cpu here and in CI; benchmarks/gpu_check.py runs the tiny-model suite
+# with TOKCOMP_TEST_DEVICE=cuda (and TOKCOMP_TEST_ATTN=eager as a second pass) on a GPU machine.
+TEST_DEVICE = os.environ.get("TOKCOMP_TEST_DEVICE", "cpu")
+TEST_ATTN = os.environ.get("TOKCOMP_TEST_ATTN", "sdpa")
 
 
 def model_spec(**overrides):
-    spec = dict(weights="random", dtype="float32", device="cpu", attn_implementation="sdpa", image_size=None, seed=0)
+    spec = dict(weights="random", dtype="float32", device=TEST_DEVICE, attn_implementation=TEST_ATTN, image_size=None,
+                seed=0)
     spec.update(overrides)
     return SimpleNamespace(**spec)
 

@@ -13,7 +13,7 @@ def stock_outputs(adapter, video, max_new_tokens):
     """Last-position logits of the stock forward and the stock greedy ``generate`` ids, uncompressed."""
     inputs = adapter.stock_inputs(PROMPT, video)
     with torch.no_grad():
-        logits = adapter.model(**inputs).logits[0, -1].float()
+        logits = adapter.model(**inputs).logits[0, -1].float().cpu()  # RunOutput.prefill_logits is on the CPU
         generated = adapter.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
                                            min_new_tokens=max_new_tokens)
     return logits, generated[0, inputs["input_ids"].shape[1]:].tolist()

@@ -3,7 +3,7 @@ kernels against the references under Triton's CPU interpreter.
 
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates, and other tests of this process may
 import the kernel module without it, so the kernel checks run this file as a script in a fresh
-process with ``TRITON_INTERPRET=1`` (see ``interpreter_checks`` at the bottom). Run by hand:
+process with ``TRITON_INTERPRET=1`` (see ``kernel_checks`` at the bottom; on a GPU it runs compiled). Run by hand:
 ``TRITON_INTERPRET=1 python tests/test_kernels.py``.
 """
 
@@ -220,6 +220,19 @@ def test_triton_kernels_match_reference_under_interpreter():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_triton_kernels_match_reference_on_cuda():
+    """The same checks compiled for the GPU (benchmarks/gpu_check.py runs this file on one)."""
+    if not (torch.cuda.is_available() and kernels.triton_available()):
+        pytest.skip("no CUDA GPU with an active Triton driver here")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("kernels are interpreted in this process")
+    assert kernel_checks("cuda") > 30
+    x = torch.ones(2, 3, 4, device="cuda")
+    assert kernels.select_backend(x, x) == "triton"  # the production path on CUDA is the kernel
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_triton_kernels_compile_for_hopper():
     """Ahead-of-time compile for sm_90 with Triton's bundled ptxas: catches what the interpreter accepts
     but the GPU compiler rejects, and pins the memory-access design (vector loads, no atomics, no spills)."""
@@ -243,27 +256,38 @@ def test_triton_kernels_compile_for_hopper():
 
 
 
-def _check(name, got, want, **tol):
-    if want.dtype in (torch.int64, torch.int32):
-        assert torch.equal(got, want), f"{name}: {got} != {want}"
-    else:
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{name}: {got.dtype}{tuple(got.shape)}"
-        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{name}: {m}", **tol)
-    print(f"ok {name}")
-
-
-def interpreter_checks() -> int:
-    """Every Triton kernel against its reference on small CPU tensors; returns the number of checks."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    assert "tokcomp.ops.kernels.triton_impl" not in sys.modules  # the package imports it lazily
+def kernel_checks(device: str = "cpu") -> int:
+    """Every Triton kernel against its reference (fp32/bf16/fp16, odd shapes, strided and broadcast views,
+    empty inputs), on ``device``: "cpu" under Triton's interpreter (``TRITON_INTERPRET=1``), "cuda" compiled
+    for the GPU. Inputs are drawn on the CPU and moved, so both devices check the same numbers. Returns the
+    number of checks."""
+    if device == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+        assert "tokcomp.ops.kernels.triton_impl" not in sys.modules  # the package imports it lazily
     from tokcomp.ops.kernels import triton_impl as tri
 
-    assert tri.INTERPRET
+    assert tri.INTERPRET == (device == "cpu")
     g = torch.Generator().manual_seed(0)
     n = 0
 
     def rand(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g).to(dtype)
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    def randint(low, high, shape):
+        return torch.randint(low, high, shape, generator=g).to(device)
+
+    def tensor(data):
+        return torch.tensor(data, device=device)
+
+    def _check(name, got, want, **tol):
+        assert got.device.type == torch.device(device).type, f"{name}: result on {got.device}, inputs on {device}"
+        got, want = got.cpu(), want.cpu()
+        if want.dtype in (torch.int64, torch.int32):
+            assert torch.equal(got, want), f"{name}: {got} != {want}"
+        else:
+            assert got.dtype == want.dtype and got.shape == want.shape, f"{name}: {got.dtype}{tuple(got.shape)}"
+            torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{name}: {m}", **tol)
+        print(f"ok {name} ({device})")
 
     # frame_cosine: odd T and D, D over several BLOCK_D chunks, low precision, strided and broadcast views
     for f, t, d, dtype in ((1, 1, 1, torch.float32), (3, 37, 70, torch.float32), (2, 29, 300, torch.bfloat16),
@@ -281,23 +305,23 @@ def interpreter_checks() -> int:
     _check("frame_cosine transposed", kernels.frame_cosine(ht, ht.flip(0), backend="triton"), reference.frame_cosine(ht, ht.flip(0)))
     near = h + 1e-3 * rand(6, 21, 45)
     _check("frame_cosine near-identical", kernels.frame_cosine(h, near, backend="triton"), reference.frame_cosine(h, near))
-    empty = torch.ones(2, 0, 4)
+    empty = torch.ones(2, 0, 4, device=device)
     _check("frame_cosine T=0", kernels.frame_cosine(empty, empty, backend="triton"), reference.frame_cosine(empty, empty))
     _check("frame_cosine small blocks", tri.frame_cosine(h, near, block_t=4, block_d=16), reference.frame_cosine(h, near))
     n += 6
 
     # window_argmax: integer-valued scores give many ties; windows 0, 1, L and in between
     for rows, length in ((3, 1), (5, 7), (6, 23), (32, 196), (4, 130)):
-        scores = torch.randint(0, 3, (rows, length), generator=g).float()
-        windows = torch.randint(0, length + 1, (rows,), generator=g)
+        scores = randint(0, 3, (rows, length)).float()
+        windows = randint(0, length + 1, (rows,))
         windows[0] = length
         windows[-1] = 1
         want = reference.window_argmax(scores, windows)
-        assert torch.equal(want, naive_window_argmax(scores, windows))
+        assert torch.equal(want.cpu(), naive_window_argmax(scores.cpu(), windows.cpu()))
         _check(f"window_argmax {rows}x{length}", kernels.window_argmax(scores, windows, backend="triton"), want)
         n += 1
     scores = rand(32, 196)
-    windows = torch.randint(20, 41, (32,), generator=g)  # EarlyTom static frames
+    windows = randint(20, 41, (32,))  # EarlyTom static frames
     want = reference.window_argmax(scores, windows)
     _check("window_argmax EarlyTom shape", kernels.window_argmax(scores, windows, backend="triton"), want)
     _check("window_argmax bf16", kernels.window_argmax(scores.bfloat16(), windows, backend="triton"),
@@ -305,26 +329,26 @@ def interpreter_checks() -> int:
     _check("window_argmax int32 windows", kernels.window_argmax(scores, windows.int(), backend="triton"), want)
     st = rand(196, 32).t()  # strided rows
     _check("window_argmax strided", kernels.window_argmax(st, windows, backend="triton"), reference.window_argmax(st, windows))
-    tied = torch.randint(0, 2, (5, 50), generator=g).float()
-    tw = torch.tensor([1, 2, 3, 50, 17])
+    tied = randint(0, 2, (5, 50)).float()
+    tw = tensor([1, 2, 3, 50, 17])
     # tiny blocks: windows over several BLOCK_W programs, long windows over several BLOCK_S chunks
-    _check("window_argmax small blocks", tri.window_argmax(tied, tw, block_w=4, block_s=4), naive_window_argmax(tied, tw))
-    _check("window_argmax all-inf row", kernels.window_argmax(torch.full((2, 9), -float("inf")), torch.tensor([2, 4]), backend="triton"),
+    _check("window_argmax small blocks", tri.window_argmax(tied, tw, block_w=4, block_s=4), naive_window_argmax(tied.cpu(), tw.cpu()))
+    _check("window_argmax all-inf row", kernels.window_argmax(torch.full((2, 9), -float("inf"), device=device), tensor([2, 4]), backend="triton"),
            torch.tensor([[0, 5, -1, -1], [0, 3, 5, 7]]))  # fmt: skip
-    _check("window_argmax no windows", kernels.window_argmax(scores[:2], torch.tensor([0, 0]), backend="triton"), want[:2, :0])
+    _check("window_argmax no windows", kernels.window_argmax(scores[:2], tensor([0, 0]), backend="triton"), want[:2, :0])
     n += 7
 
     # scatter_mean: empty groups, one crowded group, D not a power of two, bf16, strided values
     for m, k, d, dtype in ((0, 5, 7, torch.float32), (1, 1, 1, torch.float32), (40, 12, 33, torch.float32),
                            (60, 9, 130, torch.bfloat16), (30, 25, 600, torch.float32)):  # fmt: skip
         values, base = rand(m, d, dtype=dtype), rand(k, d, dtype=dtype)
-        index = torch.randint(0, max(1, k // 2), (m,), generator=g)  # upper half of the groups stays empty
+        index = randint(0, max(1, k // 2), (m,))  # upper half of the groups stays empty
         tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}  # one bf16 rounding of the output
         _check(f"scatter_mean {m}->{k}x{d} {dtype}", kernels.scatter_mean(values, index, base, backend="triton"),
                reference.scatter_mean(values, index, base), **tol)  # fmt: skip
         n += 1
     values, base = rand(50, 24), rand(6, 24)
-    crowd = torch.zeros(50, dtype=torch.int64)
+    crowd = torch.zeros(50, dtype=torch.int64, device=device)
     crowd[::7] = 5
     want = reference.scatter_mean(values, crowd, base)
     _check("scatter_mean crowded group", kernels.scatter_mean(values, crowd, base, backend="triton"), want)
@@ -334,7 +358,7 @@ def interpreter_checks() -> int:
     mixed = tri.scatter_mean(values.bfloat16(), crowd, base)  # values' dtype may differ from base's
     _check("scatter_mean bf16 values into fp32 base", mixed, reference.scatter_mean(values.bfloat16(), crowd, base))
     bad = crowd.clone()
-    bad[:3] = torch.tensor([-1, 6, 99])  # out of range: the kernel ignores those rows
+    bad[:3] = tensor([-1, 6, 99])  # out of range: the kernel ignores those rows
     keep = (bad >= 0) & (bad < 6)
     _check("scatter_mean ignores out-of-range", tri.scatter_mean(values, bad, base), reference.scatter_mean(values[keep], bad[keep], base))
     n += 5
@@ -342,5 +366,5 @@ def interpreter_checks() -> int:
 
 
 if __name__ == "__main__":
-    count = interpreter_checks()
+    count = kernel_checks("cpu")
     print(f"interpreter checks passed: {count}")

@@ -59,3 +59,12 @@ def test_cuda_device_without_a_gpu_is_named(plugins, monkeypatch):
 def test_ids_outside_the_tokenizer_are_shown_not_dropped(tiny):
     byte_h = tiny.tokenizer("h", add_special_tokens=False).input_ids
     assert tiny.decode_text([*byte_h, 151000, *byte_h]) == "h<151000>h"
+
+
+@pytest.mark.parametrize("preset", ["llava-onevision-7b", "llava-video-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "tiny"])
+def test_random_weights_are_drawn_on_the_device_they_run_on(plugins, preset):
+    """A 7B model's random weights drawn on the CPU and copied to a GPU cost minutes; drawn on the model's
+    device they cost a second. The meta device shows every parameter and buffer is created there."""
+    adapter = plugins.model(preset).build(model_spec(device="meta", dtype="bfloat16"))
+    tensors = [*adapter.model.parameters(), *adapter.model.buffers()]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
