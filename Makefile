@@ -10,7 +10,7 @@ DEMO_SAMPLES := 60
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-oldest lint clean
+.PHONY: demo test test-fast test-oldest lint clean gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ $(OLDEST)/.installed: $(STAMP)
 test-oldest: $(OLDEST)/.installed
 	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
 	PYTHONPATH=$(CURDIR)/$(OLDEST) $(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider tests
+
+# What benchmarks/gpu_check.sh installs on a GPU machine that reaches no registry: the packages tokcomp imports
+# that its image lacks (omegaconf; pure Python), at .venv's versions, into .whl/ (git-ignored) to carry along.
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		"omegaconf==$$($(BIN)/python -c 'import omegaconf; print(omegaconf.__version__)')"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
