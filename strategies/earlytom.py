@@ -190,7 +190,10 @@ class DecoupledSelect(Strategy):
                 return rows
             part = None if scores is None else scores[rows]
             if on_cpu and part is not None:
-                part = part.to("cpu", non_blocking=True)
+                # A blocking copy: a non_blocking device-to-host copy returns before the data has arrived
+                # (into pinned memory, with no sync), and the CPU selection would read it too early.
+                # It blocks this worker thread only; the dynamic frames' selection goes on meanwhile.
+                part = part.to("cpu")
             picked = self._pick(part, rows.numel(), tokens, is_dynamic, r_hat, state.grid)
             return torch.gather(grid[rows], 1, picked.to(grid.device)).flatten()
 

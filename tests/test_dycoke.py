@@ -316,3 +316,15 @@ def test_kv_pruning_reusing_the_selection_reads_the_same_visual_entries_every_st
     run_with(tiny, pixels, [s], max_new_tokens=6)
     assert len(s.seen) == 5
     assert all(read == entries - visual + 38 for _, entries, visual, read in s.seen)  # new tokens are text, read
+
+
+def test_decode_select_of_entries_a_later_layer_dropped_names_that_layer(tiny, pixels):
+    """Selections are checked against every layer they apply to (one check per step, the first failing
+    layer named): FastV dropped half the visual entries from layer 3 on, so layer 2's selection of all fails."""
+    from tokcomp.strategies.fastv import FastV
+
+    from tokcomp.state import StrategyContractError
+
+    with pytest.raises(StrategyContractError, match="decode select at layer 2: layer 3 no longer holds"):
+        run_with(tiny, pixels, [KVPruning(layer=2, p=0.0), FastV(layer=3, ratio=0.5)], max_new_tokens=3)
+    assert run_with(tiny, pixels, [], max_new_tokens=3).new_ids  # the hooks were removed

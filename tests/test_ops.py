@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokcomp.ops.attention import last_query_attention, received_attention
@@ -98,6 +99,19 @@ def test_keep_count_rounds_and_keeps_at_least_one():
 
 def test_groups_follow_label_order():
     assert [g.tolist() for g in groups(torch.tensor([0, 0, 1, 1, 1, -1]))] == [[0, 1], [2, 3, 4]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_equal_one_nonzero_per_run_of_labels(seed):
+    """The sort-based groups give what a ``nonzero`` per run of equal non-negative labels gives, in any order
+    of labels, with unlabelled (-1) entries and with labels that come back in a later run."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(-1, 4, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g)
+    expected = [torch.nonzero(labels == v, as_tuple=False).flatten()
+                for v in torch.unique_consecutive(labels[labels >= 0]).tolist()]
+    got = groups(labels)
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert groups(torch.full((3,), -1)) == []
 
 
 def test_bilinear_halve_matches_llava_onevision_sizes():

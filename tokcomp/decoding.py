@@ -77,7 +77,7 @@ def attach_decoder_hooks(adapter: Any, stack: CompressionStack, cache: DecoderCa
 def last_token_attention(adapter: Any, layer: Any, hidden: Tensor, position_embeddings: Any,
                          past_keys: Tensor | None = None) -> Tensor:
     """Head-averaged attention row of the last entry over every key (and the cache's, when given)."""
-    last = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
+    last = torch.full((1,), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)  # no host-to-device copy
     qk = adapter.decoder_qk(layer, hidden, position_embeddings, last, past_keys)
     return last_query_attention(qk.q[:, 0], qk.k, qk.scale)
 
@@ -225,10 +225,11 @@ class DecoderHooks:
             self.decode_attention = last_token_attention(self.adapter, module, hidden, kwargs["position_embeddings"], past)
         if index in self.stack.decode_layers:
             self._decode_hook(index, hidden.device)
-        entries = self._entries(index, hidden.device)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and (index in self.alive_at or index in self.cache.read_index):
-            read = torch.cat([entries, torch.tensor([self.full_len + self.step - 1], device=hidden.device)])
+            # built on the device (``torch.tensor(..., device=cuda)`` would be a blocking copy, a sync per layer)
+            read = torch.cat([self._entries(index, hidden.device),
+                              torch.full((1,), self.full_len + self.step - 1, dtype=torch.long, device=hidden.device)])
             index_read = self.cache.read_index.get(index)
             if index_read is not None:
                 read = read[index_read]
@@ -241,7 +242,7 @@ class DecoderHooks:
 
     def _decode_hook(self, index: int, device) -> None:
         before = self._entries(index - 1, device)
-        current = torch.tensor([self.full_len + self.step - 1], device=device)
+        current = torch.full((1,), self.full_len + self.step - 1, dtype=torch.long, device=device)
         positions = torch.cat([before, current])
         visual = torch.zeros(positions.numel(), dtype=torch.bool, device=device)
         prompt = positions < self.full_len
@@ -251,11 +252,16 @@ class DecoderHooks:
         self.stack.inner_llm_decode(state)
         if state.selected is None:
             return
+        holds = []  # checked together below: one host sync per step, not one per layer
         for j in range(index, self.num_layers):
             held = torch.cat([self._entries(j, device), current])
-            if not bool(torch.isin(state.selected, held).all()):
-                raise StrategyContractError(f"decode select at layer {index}: layer {j} no longer holds every selected entry")
+            holds.append(torch.isin(state.selected, held).all())
             self.cache.read_index[j] = _positions_in(held, state.selected)
+        holds_all = torch.stack(holds)
+        if not bool(holds_all.all()):
+            self.cache.read_index = {}
+            j = index + int(torch.nonzero(~holds_all)[0])
+            raise StrategyContractError(f"decode select at layer {index}: layer {j} no longer holds every selected entry")
 
 
 def _positions_in(held: Tensor, wanted: Tensor) -> Tensor:
