@@ -326,6 +326,8 @@ def kernel_checks(device: str = "cpu") -> int:
     _check("window_argmax EarlyTom shape", kernels.window_argmax(scores, windows, backend="triton"), want)
     _check("window_argmax bf16", kernels.window_argmax(scores.bfloat16(), windows, backend="triton"),
            reference.window_argmax(scores.bfloat16(), windows))  # fmt: skip
+    _check("window_argmax fp16", kernels.window_argmax(scores.half(), windows, backend="triton"),
+           reference.window_argmax(scores.half(), windows))  # fmt: skip
     _check("window_argmax int32 windows", kernels.window_argmax(scores, windows.int(), backend="triton"), want)
     st = rand(196, 32).t()  # strided rows
     _check("window_argmax strided", kernels.window_argmax(st, windows, backend="triton"), reference.window_argmax(st, windows))
@@ -336,14 +338,15 @@ def kernel_checks(device: str = "cpu") -> int:
     _check("window_argmax all-inf row", kernels.window_argmax(torch.full((2, 9), -float("inf"), device=device), tensor([2, 4]), backend="triton"),
            torch.tensor([[0, 5, -1, -1], [0, 3, 5, 7]]))  # fmt: skip
     _check("window_argmax no windows", kernels.window_argmax(scores[:2], tensor([0, 0]), backend="triton"), want[:2, :0])
-    n += 7
+    n += 8
 
     # scatter_mean: empty groups, one crowded group, D not a power of two, bf16, strided values
     for m, k, d, dtype in ((0, 5, 7, torch.float32), (1, 1, 1, torch.float32), (40, 12, 33, torch.float32),
-                           (60, 9, 130, torch.bfloat16), (30, 25, 600, torch.float32)):  # fmt: skip
+                           (60, 9, 130, torch.bfloat16), (30, 25, 600, torch.float32), (25, 7, 70, torch.float16)):  # fmt: skip
         values, base = rand(m, d, dtype=dtype), rand(k, d, dtype=dtype)
         index = randint(0, max(1, k // 2), (m,))  # upper half of the groups stays empty
-        tol = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}  # one bf16 rounding of the output
+        # one rounding of the output to bf16 / fp16
+        tol = {torch.float32: {}, torch.bfloat16: {"atol": 1e-2, "rtol": 1e-2}, torch.float16: {"atol": 2e-3, "rtol": 2e-3}}[dtype]
         _check(f"scatter_mean {m}->{k}x{d} {dtype}", kernels.scatter_mean(values, index, base, backend="triton"),
                reference.scatter_mean(values, index, base), **tol)  # fmt: skip
         n += 1
