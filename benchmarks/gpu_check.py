@@ -289,28 +289,35 @@ def kernel_timing_section(s: Settings):
     return result, f"(CPU: the torch references only)\n\n```\n{kernel_timing.cpu_table(result)}\n```"
 
 
+_BUILT: dict[tuple, tuple[object, float]] = {}  # one build per (preset, image size, attention, dtype, device)
+
+
 class Bench:
-    """One built model and one video; runs a configuration once and returns its timings and counts."""
+    """One built model (built once per process: the 7B serves both the ttft and frames64 sections) and one
+    video; runs a configuration once and returns its output and peak memory."""
 
     def __init__(self, s: Settings, preset: str, frames: int, image_size: int | None, attn: str = "sdpa"):
         from tokcomp.plugins import Plugins
         from tokcomp.video import generate_video, uniform_frame_indices
 
         self.plugins, self.device = Plugins(), s.device
-        spec = SimpleNamespace(weights="random", dtype=s.dtype, device=s.device, attn_implementation=attn,
-                               image_size=image_size, seed=0)
-        if s.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.adapter = self.plugins.model(preset).build(spec)
-        if s.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        self.build_s = time.perf_counter() - start
+        key = (preset, image_size, attn, s.dtype, s.device)
+        if key not in _BUILT:
+            spec = SimpleNamespace(weights="random", dtype=s.dtype, device=s.device, attn_implementation=attn,
+                                   image_size=image_size, seed=0)
+            if s.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            adapter = self.plugins.model(preset).build(spec)
+            if s.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            _BUILT[key] = (adapter, time.perf_counter() - start)
+        self.adapter, self.build_s = _BUILT[key]
         size = image_size or 384
         length = 2 * frames
         clip, _ = generate_video(length=length, height=size, width=size, shots=3, seed=0)
         self.video = self.adapter.preprocess(clip[uniform_frame_indices(length, frames)])
-        self.weights_MiB = (torch.cuda.memory_allocated() / 2**20) if s.device.startswith("cuda") else None
+        self.weights_MiB = sum(p.numel() * p.element_size() for p in self.adapter.model.parameters()) / 2**20
 
     def run(self, strategies: list[dict], probe=None):
         """One run (``probe``: a strategy appended last, e.g. a KeptSources)."""
@@ -413,10 +420,9 @@ def ttft_section(s: Settings):
         checks, summary = targets(preset, table, s.dry_run)
         key = f"{preset}@{frames}"
         result[key] = {"build_s": bench.build_s, "weights_MiB": bench.weights_MiB, "configurations": table, "targets": checks}
-        text.append(ttft_markdown(f"{preset}, {frames} frames, {s.dtype}, sdpa (build {bench.build_s:.1f} s)", table)
-                    + summary)
+        text.append(ttft_markdown(f"{preset}, {frames} frames, {s.dtype}, sdpa (build {bench.build_s:.1f} s, "
+                                  f"weights {bench.weights_MiB:.0f} MiB)", table) + summary)
         del bench
-        _free(s)
     return result, "\n\n".join(text)
 
 
@@ -428,7 +434,7 @@ def frames64_section(s: Settings):
     table = measure(bench, configs, s.warmup, max(1, s.repeats // 2))
     result = {"preset": preset, "frames": frames, "weights_MiB": bench.weights_MiB, "configurations": table}
     del bench
-    _free(s)
+    _free(s, preset)
     return result, ttft_markdown(f"{preset}, {frames} frames", table)
 
 
@@ -453,11 +459,10 @@ def attention_section(s: Settings):
         ctx = contextlib.nullcontext() if backend is None else torch.nn.attention.sdpa_kernel(backend)
         outcomes[label] = _outcomes(bench, all_configs, names, ctx)
     del bench
-    _free(s)
     eager = Bench(s, preset, frames, image_size, "eager")
     outcomes["eager"] = _outcomes(eager, all_configs, names, contextlib.nullcontext())
     del eager
-    _free(s)
+    _free(s, *{key[0] for key in _BUILT})  # nothing after this section builds a model in this process
     ref = outcomes["sdpa (default)"]
     rows, agree = [], True
     for label, per in outcomes.items():
@@ -527,9 +532,12 @@ def offload_section(s: Settings):
     return result, md_table(["model", "LLM width", "frames", "plain ms", "offloaded ms", "plain/offloaded"], rows)
 
 
-def _free(s: Settings) -> None:
+def _free(s: Settings, *presets: str) -> None:
+    """Drops the cached builds of ``presets`` and returns the memory to the device."""
     import gc
 
+    for key in [k for k in _BUILT if k[0] in presets]:
+        del _BUILT[key]
     gc.collect()
     if s.device.startswith("cuda"):
         torch.cuda.empty_cache()
