@@ -275,21 +275,28 @@ def suite_section(s: Settings):
 
 
 def kernel_timing_section(s: Settings):
+    """The fixed cases of benchmarks/kernel_timing.py, then every distinct call the ttft runs made."""
     import kernel_timing
 
+    at_calls = kernel_timing.measure_calls(RECORDED_CALLS, 3 if s.dry_run else 10, s.kernel_repeats, s.device)
+    calls_text = (f"\n\nat the sizes the ttft runs used ({len(RECORDED_CALLS)} calls recorded in their warm-up, "
+                  f"distinct ones below):\n\n```\n{kernel_timing.calls_table(at_calls)}\n```")
     if s.device.startswith("cuda"):
         result = kernel_timing.measure_cuda(10, s.kernel_repeats)
         slower = [r["case"] for r in result["cases"] if r["speedup"] < 1.0]
-        result["slower_than_torch"] = slower
+        slower_used = [f"{r['op']} {r['shapes']} {r['dtypes'][0]}" for r in at_calls if r.get("speedup", 1.0) < 1.0]
+        result.update(slower_than_torch=slower, at_calls=at_calls, slower_at_used_sizes=slower_used)
         text = (f"{result['device']}, copy {result['copy_GBps']:.0f} GB/s, median of {s.kernel_repeats} after 10 "
                 f"warm-up, L2 flushed\n\n```\n{kernel_timing.cuda_table(result)}\n```\n\nkernels slower than torch: "
-                f"{slower or 'none'}")
+                f"{slower or 'none'}" + calls_text + f"\n\nslower than torch at a used size: {slower_used or 'none'}")
         return result, text
     result = kernel_timing.measure_cpu(0, s.kernel_repeats)
-    return result, f"(CPU: the torch references only)\n\n```\n{kernel_timing.cpu_table(result)}\n```"
+    result["at_calls"] = at_calls
+    return result, f"(CPU: the torch references only)\n\n```\n{kernel_timing.cpu_table(result)}\n```" + calls_text
 
 
 _BUILT: dict[tuple, tuple[object, float]] = {}  # one build per (preset, image size, attention, dtype, device)
+RECORDED_CALLS: list = []  # kernel calls of the ttft section's warm-up runs: the sizes kernel_timing times
 
 
 class Bench:
@@ -337,14 +344,17 @@ class Bench:
 
 
 def measure(bench: Bench, configs: dict[str, list[dict]], warmup: int, repeats: int) -> dict[str, dict]:
-    """Warm-up runs, then ``repeats`` rounds over all configurations (order rotated each round so that no
-    configuration always follows the same one); medians of each timing."""
+    """Warm-up runs (their kernel calls recorded), then ``repeats`` rounds over all configurations (order
+    rotated each round so that no configuration always follows the same one); medians of each timing."""
     from tokcomp.flops import count_all
+    from tokcomp.ops import kernels
 
     names = list(configs)
-    for name in names:
-        for _ in range(warmup):
-            bench.run(configs[name])
+    with kernels.record_calls() as calls:
+        for name in names:
+            for _ in range(warmup):
+                bench.run(configs[name])
+    RECORDED_CALLS.extend(calls)
     samples: dict[str, list] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]

@@ -15,6 +15,7 @@ says so and times the torch reference (the CPU production path) with a host cloc
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -177,6 +178,57 @@ def run_cpu(args) -> None:
     result = measure_cpu(args.cpu_warmup, args.cpu_repeats)
     print(f"\nmedian of {args.cpu_repeats} calls after {args.cpu_warmup} warm-up (host clock)")
     print(cpu_table(result))
+
+
+def inputs_for(call: kernels.KernelCall, device: torch.device, g: torch.Generator) -> tuple:
+    """Random inputs of a recorded call's sizes and dtypes (frame pairs made similar, as in a video)."""
+
+    def randn(shape, dtype):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(getattr(torch, dtype))
+
+    if call.op == "frame_cosine":
+        a = randn(call.shapes[0], call.dtypes[0])
+        return a, (0.8 * a + 0.2 * randn(call.shapes[1], call.dtypes[1])).to(a.dtype)
+    if call.op == "window_argmax":
+        return randn(call.shapes[0], call.dtypes[0]), torch.tensor(call.windows, device=device)
+    values, base = randn(call.shapes[0], call.dtypes[0]), randn(call.shapes[2], call.dtypes[2])
+    index = torch.randint(0, max(1, call.shapes[2][0]), call.shapes[1], generator=g, device=device)
+    return values, index, base
+
+
+def measure_calls(calls: list[kernels.KernelCall], warmup: int, repeats: int, device: str, limit: int = 40) -> list[dict]:
+    """Each distinct recorded call (op, sizes, dtypes), most frequent first, timed with both backends where
+    Triton runs (CUDA) or with the torch reference alone (CPU); times in us."""
+    counts: dict[tuple, int] = {}
+    for c in calls:
+        key = (c.op, c.shapes, c.dtypes, c.windows)
+        counts[key] = counts.get(key, 0) + 1
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    cuda = dev.type == "cuda" and kernels.triton_available()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev) if cuda else None
+    rows = []
+    for (op, shapes, dtypes, windows), n in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]:
+        args = inputs_for(kernels.KernelCall(op, "", shapes, dtypes, windows), dev, g)
+        fn = getattr(kernels, op)
+        row = {"op": op, "shapes": shapes, "dtypes": dtypes, "calls": n}
+        torch_fn = functools.partial(fn, *args, backend="torch")
+        if cuda:
+            row["torch_us"] = 1e3 * time_cuda(torch_fn, warmup, repeats, flush)
+            row["triton_us"] = 1e3 * time_cuda(functools.partial(fn, *args, backend="triton"), warmup, repeats, flush)
+            row["speedup"] = row["torch_us"] / row["triton_us"]
+        else:
+            row["torch_us"] = 1e3 * time_host(torch_fn, warmup, repeats)
+        rows.append(row)
+    return rows
+
+
+def calls_table(rows: list[dict]) -> str:
+    headers = ["op", "shapes", "dtype", "calls", "torch us"] + (["triton us", "speedup"] if rows and "speedup" in rows[0] else [])
+    body = [[r["op"], " ".join("x".join(map(str, sh)) for sh in r["shapes"]), r["dtypes"][0], str(r["calls"]),
+             f"{r['torch_us']:.1f}"] + ([f"{r['triton_us']:.1f}", f"x{r['speedup']:.2f}"] if "speedup" in r else [])
+            for r in rows]
+    return table(headers, body)
 
 
 def run_compile_report() -> None:

@@ -86,7 +86,7 @@ class ManualPrefill:
         self.hidden = self.lm.embed_tokens(ids)
         self.hidden[0, self.start : self.start + self.num_visual] = tokens.features
         self.hidden[0, self.start + self.num_visual : self.start + self.num_visual + specials.shape[0]] = specials
-        self.pos = torch.arange(self.length)[None]
+        self.pos = torch.arange(self.length, device=self.hidden.device)[None]
         self.cos, self.sin = self.lm.rotary_emb(self.hidden, self.pos)
 
     @property

@@ -27,10 +27,10 @@ def test_last_token_attention_equals_eager_decoder_weights(plugins):
     adapter = plugins.model("tiny").build(model_spec(attn_implementation="eager"))
     lm = adapter.language_model
     torch.manual_seed(0)
-    ids = torch.randint(0, 200, (1, 23))
+    ids = torch.randint(0, 200, (1, 23)).to(adapter.device)  # drawn on the CPU: the same ids on every device
     with torch.no_grad():
         out = lm(input_ids=ids, output_attentions=True, output_hidden_states=True)
         h = out.hidden_states[2]  # input of layer 2
-        pe = lm.rotary_emb(h, torch.arange(23)[None])
+        pe = lm.rotary_emb(h, torch.arange(23, device=h.device)[None])
         ours = last_token_attention(adapter, lm.layers[2], h, pe)
     torch.testing.assert_close(ours, out.attentions[2][0, :, -1].mean(0))

@@ -91,7 +91,8 @@ def test_qwen2_5_vl_3b_dimensions_reproduce_stock_transformers(plugins):
     config.vision_config.depth, config.vision_config.fullatt_block_indexes = 4, [1, 3]
     config.text_config.num_hidden_layers = 2
     config.text_config.layer_types = config.text_config.layer_types[:2]
-    model = random_model(Qwen2_5_VLForConditionalGeneration, config, torch.float32, "sdpa", seed=0).eval()
+    model = random_model(Qwen2_5_VLForConditionalGeneration, config, torch.float32, "sdpa", seed=0,
+                         device=model_spec().device).eval()
     adapter = qwen2_5_vl.Qwen2_5_VLAdapter(model, tokenizer, "qwen2.5-vl-3b", 168 * 224, 168 * 224)
     clip, _ = generate_video(length=16, height=168, width=224, seed=2)
     video = adapter.preprocess(clip[uniform_frame_indices(16, 4)])

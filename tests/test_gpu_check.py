@@ -65,6 +65,9 @@ def test_dry_run_checks_kernels_suite_and_attention_backends(dry_run):
     for attn in ("sdpa", "eager"):
         run = sections["suite"]["runs"][attn]
         assert run["rc"] == 0 and run["passed"] == 1 and not run["failed"], run
+    used = sections["kernel_timing"]["at_calls"]  # the kernels timed at the sizes the ttft runs used
+    assert {r["op"] for r in used} >= {"frame_cosine", "window_argmax", "scatter_mean"}
+    assert all(r["calls"] >= 1 and r["torch_us"] > 0 for r in used)
     assert sections["attention"]["agree"] is True
     assert set(sections["attention"]["outcomes"]) == {"sdpa (default)", "sdpa math", "eager"}
     assert set(sections["frames64"]["configurations"]) == {"uncompressed", "earlytom_10", "earlytom_25"}

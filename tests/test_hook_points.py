@@ -43,7 +43,7 @@ class EncoderProbe(Strategy):
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
         self.seen.append((state.layer, state.position, state.hidden.clone(), state.keys, state.saliency))
         if self.unit_sizes:
-            state.replace(state.hidden, sizes=torch.ones(state.hidden.shape[:2]))
+            state.replace(state.hidden, sizes=torch.ones(state.hidden.shape[:2], device=state.hidden.device))
 
 
 @dataclass
@@ -107,7 +107,7 @@ def test_keys_and_saliency_are_computed_from_the_layers_input(tiny, pixels):
     torch.testing.assert_close(keys2, k.mean(dim=1))
     logits = torch.einsum("bhd,bhtd->bht", q.mean(dim=2), k) * layer.self_attn.scale
     torch.testing.assert_close(saliency2, logits.softmax(-1).mean(dim=1))
-    assert torch.allclose(saliency2.sum(-1), torch.ones(8))
+    assert torch.allclose(saliency2.sum(-1), torch.ones(8, device=saliency2.device))
 
 
 def test_pooled_keys_reach_the_pre_llm_stage_one_row_per_content_token(tiny, pixels):
@@ -144,7 +144,7 @@ def test_selecting_every_cache_entry_on_decode_steps_changes_nothing(tiny, pixel
     length = out.ledger.llm_layers[0]
     for step, attention, positions, visual in probe.seen:
         assert positions.tolist() == list(range(length + step))  # prompt, earlier decoded tokens, this token
-        assert torch.isclose(attention.sum(), torch.tensor(1.0))
+        assert torch.isclose(attention.sum(), torch.tensor(1.0, device=attention.device))
         assert int(visual.sum()) == out.ledger.visual_tokens_after_pre_llm
 
 

@@ -188,6 +188,37 @@ def test_dispatcher_rule_for_cuda_tensors(monkeypatch):
         kernels.select_backend(cuda, backend="triton")
 
 
+def test_record_calls_lists_each_dispatched_call_with_its_sizes():
+    a, scores, values = torch.zeros(3, 5, 4, dtype=torch.bfloat16), torch.rand(2, 9), torch.rand(6, 4)
+    kernels.frame_cosine(a, a)  # outside any block: not recorded anywhere
+    with kernels.record_calls() as outer:
+        kernels.frame_cosine(a[:1].expand(3, -1, -1), a)
+        with kernels.record_calls() as inner:
+            kernels.window_argmax(scores, torch.tensor([2, 3]))
+        kernels.scatter_mean(values, torch.tensor([0, 1, 0, 2, 2, 2]), torch.zeros(3, 4))
+    kernels.scatter_mean(values, torch.zeros(6, dtype=torch.long), torch.zeros(1, 4))
+    assert [c.op for c in outer] == ["frame_cosine", "window_argmax", "scatter_mean"]
+    assert inner == [outer[1]]
+    assert outer[0] == kernels.KernelCall("frame_cosine", "torch", ((3, 5, 4), (3, 5, 4)), ("bfloat16", "bfloat16"))
+    assert outer[1].windows == (2, 3) and outer[1].shapes == ((2, 9), (2,))
+    assert outer[2].shapes == ((6, 4), (6,), (3, 4)) and outer[2].dtypes == ("float32", "int64", "float32")
+    assert not kernels._recorders
+
+
+def test_earlytom_run_uses_every_kernel_and_records_it(tiny, pixels):
+    """What benchmarks/gpu_check.py relies on to time the kernels at the sizes a run uses."""
+    from tests.conftest import run_with
+    from tokcomp.plugins import Plugins
+
+    plugins = Plugins()
+    strategies = [plugins.strategy("earlytom.frame_merge").from_params({"layers": [1, 2]}),
+                  plugins.strategy("earlytom.decoupled_select").from_params({"ratio": 0.25, "score_layer": -1})]
+    with kernels.record_calls() as calls:
+        run_with(tiny, pixels, strategies, max_new_tokens=1)
+    assert {c.op for c in calls} >= {"frame_cosine", "window_argmax"}
+    assert all(c.backend == "torch" for c in calls)  # CPU tensors here
+
+
 def test_dispatcher_backend_names_and_forcing(monkeypatch):
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="backend"):

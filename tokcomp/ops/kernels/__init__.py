@@ -12,12 +12,18 @@ or ``"triton"`` forces a path per call (configuration is explicit: no environmen
 it). Forcing Triton on CPU tensors needs ``TRITON_INTERPRET=1`` in the
 environment before the kernel module is first imported (the tests do this in a subprocess). The
 Triton module is imported lazily: importing this package never imports triton.
+
+``record_calls()`` lists the calls made inside a block (operation, backend, shapes, dtypes): the
+sizes a real run uses, at which benchmarks/gpu_check.py times each kernel against its reference.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -25,9 +31,42 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["BACKENDS", "frame_cosine", "reference", "scatter_mean", "select_backend", "triton_available", "window_argmax"]
+__all__ = ["BACKENDS", "KernelCall", "frame_cosine", "record_calls", "reference", "scatter_mean", "select_backend",
+           "triton_available", "window_argmax"]
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One dispatched call: enough to rebuild inputs of the same sizes (``windows``: window_argmax's counts)."""
+
+    op: str
+    backend: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    windows: tuple[int, ...] | None = None
+
+
+_recorders: list[list[KernelCall]] = []
+
+
+@contextmanager
+def record_calls() -> Iterator[list[KernelCall]]:
+    """Collects every kernel call made inside the block (nested blocks each see them all)."""
+    calls: list[KernelCall] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def _note(op: str, backend: str, *tensors: Tensor, windows: Tensor | None = None) -> None:
+    call = KernelCall(op, backend, tuple(tuple(t.shape) for t in tensors), tuple(str(t.dtype).removeprefix("torch.")
+                      for t in tensors), None if windows is None else tuple(int(w) for w in windows.tolist()))
+    for calls in _recorders:
+        calls.append(call)
 
 
 @functools.cache
@@ -77,20 +116,29 @@ def select_backend(*tensors: Tensor, backend: str | None = None) -> str:
 
 def frame_cosine(a: Tensor, b: Tensor, *, backend: str | None = None) -> Tensor:
     """Per row f, the mean over the T positions of cos(a[f, t], b[f, t]); (F, T, D) x 2 -> (F,) float32."""
-    if select_backend(a, b, backend=backend) == "triton":
+    chosen = select_backend(a, b, backend=backend)
+    if _recorders:
+        _note("frame_cosine", chosen, a, b)
+    if chosen == "triton":
         return _impl().frame_cosine(a, b)
     return reference.frame_cosine(a, b)
 
 
 def window_argmax(scores: Tensor, windows: Tensor, *, backend: str | None = None) -> Tensor:
     """Argmax position of each of windows[n] contiguous 1-D windows of row n; (N, max(windows)) int64, -1 padded."""
-    if select_backend(scores, backend=backend) == "triton":
+    chosen = select_backend(scores, backend=backend)
+    if _recorders:
+        _note("window_argmax", chosen, scores, windows, windows=windows)
+    if chosen == "triton":
         return _impl().window_argmax(scores, windows)
     return reference.window_argmax(scores, windows)
 
 
 def scatter_mean(values: Tensor, index: Tensor, base: Tensor, *, backend: str | None = None) -> Tensor:
     """out[k] = (base[k] + sum of values[m] with index[m] == k) / (1 + count_k); (K, D) in base's dtype."""
-    if select_backend(values, base, backend=backend) == "triton":
+    chosen = select_backend(values, base, backend=backend)
+    if _recorders:
+        _note("scatter_mean", chosen, values, index, base)
+    if chosen == "triton":
         return _impl().scatter_mean(values, index, base)
     return reference.scatter_mean(values, index, base)
