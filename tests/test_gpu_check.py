@@ -96,6 +96,13 @@ def test_full_check_on_a_cpu_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--models", "tiny", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "PRESET:FRAMES[:IMAGE_SIZE], got 'tiny'" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cuda", "--out", str(tmp_path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "torch sees no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "usage: bash benchmarks/gpu_check.sh OUT" in proc.stderr
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path):
