@@ -9,8 +9,9 @@ results are rewritten after each, so a run cut short keeps what it measured:
 
   env            the GPU, versions, the SDPA backends torch can use, flash-attn
   kernels        tests/test_kernels.py on the device: every kernel against its torch reference, compiled
-  suite          the tiny-model suite with TOKCOMP_TEST_DEVICE=cuda (every strategy on every tiny model,
-                 exactness against stock transformers, hook points, attention statistics), sdpa then eager
+  suite          the tiny-model suite (SUITE_FILES) with TOKCOMP_TEST_DEVICE=cuda: every strategy on every
+                 tiny model, exactness against stock transformers, hook points, attention statistics,
+                 each method's tests, the Qwen adapters; under sdpa, then EAGER_FILES under eager attention
   kernel_timing  benchmarks/kernel_timing.py's cases: each kernel vs its torch reference, CUDA events
   attention      the 0.5B dimensions under sdpa's flash / efficient / math backends and eager attention:
                  the same retained tokens and the same first token for the attention-based methods
@@ -56,8 +57,14 @@ PAPER_SPEEDUP = {"llava-onevision-7b": 2.65, "llava-onevision-0.5b": 1.48}
 TARGET_SPEEDUP_7B = 2.65
 TARGET_FLOPS_EFFICIENCY = 0.85  # measured speedup over the speedup its exact-FLOPs ratio allows
 TARGET_OWN_SHARE = 0.03  # EarlyTom's token processing over its TTFT
-SUITE_FILES = ["tests/test_every_strategy.py", "tests/test_exactness.py", "tests/test_hook_points.py",
-               "tests/test_attention_stats.py"]
+# The tests that build tiny models through tests/conftest.model_spec and hold no CPU-only assumption (checked
+# here with a checker that marks model tensors as CUDA): conformance of every strategy on every family,
+# exactness against stock transformers, hook points, attention statistics, each method, the adapters.
+SUITE_FILES = [f"tests/test_{name}.py" for name in (
+    "every_strategy", "exactness", "hook_points", "attention_stats", "strategies", "inner_merge", "riders", "earlytom",
+    "holitom", "visionzip", "fastvid", "prunevid", "dycoke", "tome", "qwen2_5_vl_adapter", "qwen3_vl_adapter",
+    "qwen_intra_encoder")]
+EAGER_FILES = SUITE_FILES[:6]  # the second pass, under eager attention: where attention is read or compared
 PROMPT = "Describe what happens in the video."
 # Parameters of Table 1's settings that do not fit a preset's depth: the dry run's tiny model has 4 vision
 # and 4 decoder layers (the same overrides as tests/test_every_strategy.py's).
@@ -120,7 +127,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     args.models or [("llava-onevision-7b", 32, None), ("llava-onevision-0.5b", 32, None)],
                     args.frames64 or ("llava-onevision-7b", 64, None), args.attention_model or ("llava-onevision-0.5b", 8, None),
                     warmup=args.warmup, repeats=args.repeats, kernel_repeats=100, suite_args=[], kernel_args=[],
-                    suite_timeout_s=150, dtype="bfloat16")
+                    suite_timeout_s=200, dtype="bfloat16")
 
 
 def configurations(preset: str, experiment: Path = ROOT / "experiments" / "paper_table1.yaml") -> dict[str, list[dict]]:
@@ -229,7 +236,7 @@ def _pytest(s: Settings, files: list[str], env: dict[str, str], log_name: str, t
     """pytest in a subprocess; counts from its JUnit XML, its output to OUT/log_name."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        workers = [] if s.dry_run else ["-n", "4"]
+        workers = [] if s.dry_run else ["-n", "8"]  # the GPU machine has 16 cores; tiny models share the GPU
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *workers,
                    f"--junitxml={xml}", *files, *extra]
         start = time.monotonic()
@@ -263,7 +270,8 @@ def suite_section(s: Settings):
     runs, rows = {}, []
     for attn in ("sdpa", "eager"):
         budget = min(s.suite_timeout_s, max(30.0, s.left_s() - 5))
-        r = _pytest(s, SUITE_FILES, {"TOKCOMP_TEST_DEVICE": s.device, "TOKCOMP_TEST_ATTN": attn}, f"suite_{attn}.log",
+        files = SUITE_FILES if attn == "sdpa" else EAGER_FILES
+        r = _pytest(s, files, {"TOKCOMP_TEST_DEVICE": s.device, "TOKCOMP_TEST_ATTN": attn}, f"suite_{attn}.log",
                     budget, s.suite_args)
         runs[attn] = r
         rows.append([attn, r["passed"], r["failures"] + r["errors"], r["skipped"], r["rc"], r["seconds"]])

@@ -68,6 +68,15 @@ def run_with(adapter, video, strategies, max_new_tokens=6, **kw):
         stack.close()
 
 
+def causal_mask(hidden: torch.Tensor) -> torch.Tensor:
+    """An explicit additive causal mask (1, 1, L, L) for calling decoder layers by hand: sdpa treats a
+    missing mask as causal, eager attention as no mask at all, so a reference must say it."""
+    length = hidden.shape[1]
+    blocked = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+    return torch.zeros(length, length, dtype=hidden.dtype, device=hidden.device).masked_fill(
+        blocked, torch.finfo(hidden.dtype).min)[None, None]
+
+
 class ManualPrefill:
     """A hand-written prefill of the uncompressed prompt, for reference checks of inner-LLM strategies:
     ``run_to(k)`` runs decoder layers 0..k-1 on every token; ``finish(keep, k)`` runs the rest on the
@@ -103,7 +112,7 @@ class ManualPrefill:
         h = self.hidden
         for layer in self.lm.layers[:k]:
             h_in = h
-            h = layer(h, attention_mask=None, position_embeddings=(self.cos, self.sin), position_ids=self.pos)
+            h = layer(h, attention_mask=causal_mask(h), position_embeddings=(self.cos, self.sin), position_ids=self.pos)
         self.hidden = h
         from tokcomp.decoding import last_token_attention
 
@@ -112,5 +121,5 @@ class ManualPrefill:
     def finish(self, keep: torch.Tensor, k: int) -> torch.Tensor:
         h, cos, sin, pos = self.hidden[:, keep], self.cos[:, keep], self.sin[:, keep], self.pos[:, keep]
         for layer in self.lm.layers[k:]:
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
-        return self.adapter.model.lm_head(self.lm.norm(h))[0, -1]
+            h = layer(h, attention_mask=causal_mask(h), position_embeddings=(cos, sin), position_ids=pos)
+        return self.adapter.model.lm_head(self.lm.norm(h))[0, -1].cpu()  # where RunOutput.prefill_logits is

@@ -73,8 +73,8 @@ def adapter_generate(adapter, video, text: str, new_tokens: int) -> tuple[torch.
         masked[:, eos] = float("-inf")
         ids.append(int(masked.argmax(-1)))
         if step + 1 < new_tokens:
-            position = torch.full((3, 1), int(positions.max()) + 1 + step)
-            logits = adapter.forward_llm(adapter.embed_tokens(torch.tensor([[ids[-1]]])), position, cache)
+            position = torch.full((3, 1), int(positions.max()) + 1 + step, device=adapter.device)
+            logits = adapter.forward_llm(adapter.embed_tokens(torch.tensor([[ids[-1]]], device=adapter.device)), position, cache)
     return first[0], ids
 
 
@@ -139,7 +139,7 @@ def test_preprocess_geometry_and_values(adapter, video):
                             align_corners=False, antialias=True).float() / 255
     mean, std = (torch.tensor(x)[:, None, None] for x in (qwen_video.OPENAI_CLIP_MEAN, qwen_video.OPENAI_CLIP_STD))
     expected = ((resized[:2, :, :14, :14] - mean) / std).transpose(0, 1).reshape(-1)
-    torch.testing.assert_close(video.pixels[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(video.pixels[0].cpu(), expected, atol=1e-5, rtol=0)
 
 
 def test_odd_frame_count_repeats_the_last_frame(video):
@@ -244,8 +244,8 @@ def test_vision_qk_reproduces_eager_attention(adapter, video, index):
 
 
 def test_vision_to_llm_pools_statistics_per_merge_unit(adapter, video):
-    hidden = torch.randn(3, 80, 32)
-    stats = {"attention": torch.arange(240.0).view(3, 80), "keys": torch.randn(3, 80, 16)}
+    hidden = torch.randn(3, 80, 32).to(adapter.device)  # as the encoder hands them over: on the model's device
+    stats = {"attention": torch.arange(240.0).view(3, 80).to(adapter.device), "keys": torch.randn(3, 80, 16).to(adapter.device)}
     out = adapter.vision_to_llm(hidden, video.grid, stats, video)
     assert out.features.shape == (3, 4, 5, 64) and out.specials.shape == (0, 64)
     assert out.stats["attention"].shape == (3, 4, 5) and out.stats["keys"].shape == (3, 4, 5, 16)
@@ -288,7 +288,7 @@ def test_full_positions_are_the_models_m_rope_grid(adapter, video):
     t, y, x = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(5), indexing="ij")
     video_part = torch.stack([s + 2 * t, s + y, s + x]).reshape(3, -1)
     after = (s + 5 + torch.arange(length - s - 60)).expand(3, -1)
-    assert torch.equal(positions, torch.cat([torch.arange(s).expand(3, -1), video_part, after], dim=1))
+    assert torch.equal(positions.cpu(), torch.cat([torch.arange(s).expand(3, -1), video_part, after], dim=1))
     with pytest.raises(ValueError, match="uncompressed prompt"):
         adapter.full_positions(adapter.prompt(PROMPT, video, 59), video)
 

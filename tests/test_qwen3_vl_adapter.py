@@ -17,7 +17,7 @@ from tokcomp.models import qwen_tokenizer as qtok
 from tokcomp.models._hf import random_model
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from tests.conftest import PROMPT, model_spec, run_info, run_with
+from tests.conftest import PROMPT, causal_mask, model_spec, run_info, run_with
 from tokcomp.hookspecs import hookimpl
 from tokcomp.ledger import TokenLedger
 from tokcomp.pipeline import encode_video, prompt_visual_tokens, splice
@@ -49,7 +49,7 @@ def stock_generate(adapter, video, new_tokens: int) -> list[int]:
 
 def stock_logits(adapter, video) -> torch.Tensor:
     with torch.no_grad():
-        return adapter.model(**adapter.stock_inputs(PROMPT, video)).logits[0, -1]
+        return adapter.model(**adapter.stock_inputs(PROMPT, video)).logits[0, -1].cpu()  # as RunOutput's
 
 
 # ---- exactness without strategies -----------------------------------------------------------------
@@ -106,7 +106,7 @@ class KeepSome(Strategy):
 
     @hookimpl
     def tokcomp_pre_llm(self, state) -> None:
-        keep = torch.nonzero((torch.arange(state.num_tokens) % 3 == 0) & (state.frame != 1)).flatten()
+        keep = torch.nonzero((torch.arange(state.num_tokens, device=state.frame.device) % 3 == 0) & (state.frame != 1)).flatten()
         state.keep(keep)
 
 
@@ -130,13 +130,14 @@ def stock_prefill(adapter, video, kept_source: torch.Tensor, drop: tuple[int, to
     """Last-position logits from the stock modules: the uncompressed encoder's features and DeepStack features
     of the tokens ``kept_source``, the prompt's text and those tokens' original positions, the stock DeepStack
     addition (``_deepstack_process``) after decoder layers 0..k-1; ``drop`` = (layer, kept sequence entries)."""
+    kept_source = kept_source.to(adapter.device)  # it indexes the features, and is indexed by device tensors
     with torch.no_grad():
         out = adapter.model.model.get_video_features(video.pixels, video.extra["grid_thw"], return_dict=True)
         features = torch.cat(out.pooler_output)
         deepstack = [f if torch.is_tensor(f) else torch.cat(f) for f in out.deepstack_features]  # 5.17: not split
         layout = adapter.prompt(PROMPT, video, features.shape[0])
         slots = layout.slots
-        keep = torch.ones(layout.ids.shape[1], dtype=torch.bool)
+        keep = torch.ones(layout.ids.shape[1], dtype=torch.bool, device=layout.ids.device)
         keep[slots] = False
         keep[slots[kept_source]] = True
         ids = layout.ids[:, keep]
@@ -151,12 +152,12 @@ def stock_prefill(adapter, video, kept_source: torch.Tensor, drop: tuple[int, to
             if drop is not None and i == drop[0]:
                 h, cos, sin, visual = h[:, drop[1]], cos[:, drop[1]], sin[:, drop[1]], visual[drop[1]]
                 alive = drop[1]
-            h = layer(h, attention_mask=None, position_embeddings=(cos, sin))
+            h = layer(h, attention_mask=causal_mask(h), position_embeddings=(cos, sin))
             if i < len(deepstack):
                 rows = kept_source if drop is None or i < drop[0] else kept_source[
                     torch.cumsum((ids[0] == adapter.config.video_token_id).long(), 0)[alive][visual] - 1]
                 h = lm._deepstack_process(h, visual[None], deepstack[i][rows])
-        return adapter.model.lm_head(lm.norm(h))[0, -1]
+        return adapter.model.lm_head(lm.norm(h))[0, -1].cpu()  # as RunOutput.prefill_logits
 
 
 def test_pre_llm_drop_keeps_each_token_its_own_deepstack_features(plugins, clip):
@@ -179,7 +180,7 @@ def test_inner_llm_drop_inside_deepstack_layers_follows_the_alive_entries(plugin
     n = video.rows * video.llm_grid[0] * video.llm_grid[1]
     layout = adapter.prompt(PROMPT, video, n)
     visual = torch.nonzero(layout.ids[0] == adapter.config.video_token_id).flatten()
-    is_visual = torch.zeros(layout.ids.shape[1], dtype=torch.bool)
+    is_visual = torch.zeros(layout.ids.shape[1], dtype=torch.bool, device=visual.device)
     is_visual[visual] = True
     alive = torch.sort(torch.cat([torch.nonzero(~is_visual).flatten(), visual[::2]])).values
     assert out.ledger.llm_layers == [layout.ids.shape[1]] + [alive.numel()] * 3

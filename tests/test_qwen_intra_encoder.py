@@ -67,7 +67,7 @@ def _stock_tower(adapter, pixels: torch.Tensor, rows: int, grid: tuple[int, int]
     """The stock vision tower's merged features (rows * h/2 * w/2, D_llm) for these pixel patches, and
     its DeepStack features (Qwen3-VL; none for Qwen2.5-VL)."""
     with torch.no_grad():
-        out = adapter.visual(pixels, grid_thw=torch.tensor([[rows, *grid]]))
+        out = adapter.visual(pixels, grid_thw=torch.tensor([[rows, *grid]], device=pixels.device))
     return getattr(out, "pooler_output", out), list(getattr(out, "deepstack_features", None) or [])
 
 

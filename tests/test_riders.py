@@ -36,9 +36,9 @@ MERGING = {"earlytom.frame_merge", "frame_avg", "input.pooling", "tome",
            "pooling", "visionzip", "holitom.outer_merge", "prunevid.outer", "fastvid"}
 
 
-def projection(dim: int) -> Tensor:
-    """A fixed random (dim, RIDER_DIM) matrix: riders = hidden @ A."""
-    return torch.randn(dim, RIDER_DIM, generator=torch.Generator().manual_seed(7)) / dim**0.5
+def projection(dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """A fixed random (dim, RIDER_DIM) matrix: riders = hidden @ A (drawn on the CPU: the same on any device)."""
+    return (torch.randn(dim, RIDER_DIM, generator=torch.Generator().manual_seed(7)) / dim**0.5).to(device)
 
 
 @dataclass
@@ -66,7 +66,7 @@ def rows(t: Tensor) -> Tensor:
 def check(record: Riders, riders: Tensor | None, values: Tensor) -> None:
     """The invariant after the strategy under test: riders == values @ A; recorded, then riders removed."""
     assert riders is not None, "the strategy under test dropped the riders"
-    expected = values.float() @ projection(values.shape[-1])
+    expected = values.float() @ projection(values.shape[-1], values.device)
     torch.testing.assert_close(riders.float(), expected, rtol=1e-4, atol=1e-4)
     given = record.attached[-1]
     distance = torch.cdist(rows(riders).float(), rows(given).float())
@@ -91,7 +91,7 @@ class AttachEncoderRiders(Strategy):
 
     @hookimpl
     def tokcomp_intra_encoder(self, state: EncoderState) -> None:
-        state.riders = state.hidden @ projection(state.hidden.shape[-1])
+        state.riders = state.hidden @ projection(state.hidden.shape[-1], state.hidden.device)
         self.record.attached.append(state.riders.clone())
 
 
@@ -116,7 +116,7 @@ class AttachTokenRiders(Strategy):
 
     @hookimpl
     def tokcomp_pre_llm(self, state: VisualTokens) -> None:
-        state.riders = state.features @ projection(state.features.shape[-1])
+        state.riders = state.features @ projection(state.features.shape[-1], state.features.device)
         self.record.attached.append(state.riders.clone())
 
 

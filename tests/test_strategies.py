@@ -114,7 +114,7 @@ def test_fastv_matches_a_manual_forward_over_the_kept_tokens(plugins, tiny, pixe
     with torch.no_grad():
         ref = ManualPrefill(tiny, pixels)
         scores = ref.run_to(k)
-        visual = torch.tensor(ref.visual)
+        visual = torch.tensor(ref.visual, device=scores.device)
         kept_visual = visual[torch.topk(scores[visual], math.ceil(visual.numel() * ratio)).indices]
         logits = ref.finish(ref.text_around(kept_visual.tolist()), k)
     torch.testing.assert_close(out.prefill_logits, logits, atol=1e-5, rtol=1e-4)
