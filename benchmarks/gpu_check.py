@@ -461,16 +461,12 @@ def attention_section(s: Settings):
     preset, frames, image_size = s.attention_model
     all_configs = configurations(preset)
     names = ["uncompressed", "fastv_25", "visionzip_25", "earlytom_25", "holitom_25"]
-    backends: list[tuple[str, object]] = [("sdpa (default)", None)]
+    from torch.nn.attention import SDPBackend
+
+    forced = [SDPBackend.MATH]  # the CPU has no flash / efficient kernels to force
     if s.device.startswith("cuda"):
-        from torch.nn.attention import SDPBackend
-
-        backends += [(f"sdpa {b.name.lower()}", b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                            SDPBackend.MATH)]
-    else:
-        from torch.nn.attention import SDPBackend
-
-        backends += [("sdpa math", SDPBackend.MATH)]
+        forced = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    backends: list[tuple[str, object]] = [("sdpa (default)", None)] + [(f"sdpa {b.name.lower()}", b) for b in forced]
     outcomes: dict[str, dict] = {}
     bench = Bench(s, preset, frames, image_size, "sdpa")
     for label, backend in backends:
